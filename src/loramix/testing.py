@@ -8,8 +8,14 @@ any real model. Nothing is downloaded.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+from loramix.lora import LoraWeights
+
+if TYPE_CHECKING:
+    from loramix.base import BaseModel
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -48,3 +54,16 @@ def build_tiny_base(path: str | Path, *, hidden: int = 64, layers: int = 2, head
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(path)
     return path
+
+
+def random_lora(base: BaseModel, rank: int = 4, alpha: float = 8.0, seed: int = 0,
+                targets: tuple[str, ...] = ("q_proj", "v_proj"), std: float = 0.05) -> LoraWeights:
+    """A random adapter with non-zero A and B for the given base."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for path, (n_in, n_out) in base.linear_shapes().items():
+        if path.rsplit(".", 1)[-1] in targets:
+            a = torch.randn(rank, n_in, generator=g) * std  # (r, n_in)
+            b = torch.randn(n_out, rank, generator=g) * std  # (n_out, r)
+            layers[path] = (a, b)
+    return LoraWeights(rank=rank, alpha=alpha, layers=layers)

@@ -1,0 +1,150 @@
+"""MixedModel: inject slotted LoRA layers into a base model and route each batch row to its mixture.
+
+Adapters are loaded lazily into a fixed number of slots (LRU eviction) by their string id; slot
+numbers never leave this module. Layers are injected on demand: only modules that some loaded
+adapter targets carry the mixing cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from loramix.base import BaseModel, maybe_autocast
+from loramix.config import MixConfig
+from loramix.errors import MixError
+from loramix.lora import LoraWeights
+from loramix.mix.layers import MixedLoraLinear, MixState
+
+Mixture = Sequence[tuple[str, float]]  # (adapter id, weight) pairs for one row
+
+
+class MixedModel:
+    """A base model whose batch rows each apply their own weighted mixture of library adapters."""
+
+    def __init__(self, base: BaseModel, loader: Callable[[str], LoraWeights], cfg: MixConfig | None = None):
+        self.base = base
+        self.model = base.model
+        self.tokenizer = base.tokenizer
+        self.cfg = cfg or MixConfig()
+        self._loader = loader
+        self._state = MixState()
+        self._layers: dict[str, MixedLoraLinear] = {}
+        self._slot_of: OrderedDict[str, int] = OrderedDict()  # adapter id -> slot, least recently used first
+        self._n_slots = min(self.cfg.capacity, 8)  # allocated slots; grows up to cfg.capacity
+        self._rank = self.cfg.max_rank
+        self._modules = dict(self.model.named_modules())
+        self.loads = 0  # adapters loaded from the library so far (for tests and metrics)
+
+    # --- slots -----------------------------------------------------------------------------------
+    @property
+    def loaded(self) -> list[str]:
+        """Ids of the adapters in slots, least recently used first."""
+        return list(self._slot_of)
+
+    def _inject(self, path: str) -> MixedLoraLinear:
+        layer = self._layers.get(path)
+        if layer is not None:
+            return layer
+        mod = self._modules.get(path)
+        if not isinstance(mod, nn.Linear):
+            raise MixError(f"the base model has no linear layer {path!r} for an adapter to target")
+        layer = MixedLoraLinear(mod, self._state, self._n_slots, self._rank)
+        parent_path, _, child = path.rpartition(".")
+        setattr(self._modules[parent_path] if parent_path else self.model, child, layer)
+        self._layers[path] = layer
+        return layer
+
+    def _grow(self, slots: int, rank: int) -> None:
+        self._n_slots, self._rank = slots, rank
+        for layer in self._layers.values():
+            layer.resize(slots, rank)
+
+    def _load(self, adapter_id: str, slot: int) -> None:
+        weights = self._loader(adapter_id)
+        if weights.rank > self._rank:
+            self._grow(self._n_slots, weights.rank)
+        for path in weights.layers:
+            self._inject(path)
+        for path, layer in self._layers.items():
+            pair = weights.layers.get(path)
+            layer.write_slot(slot, *(pair if pair else (None, None)), scale=weights.scale)
+        self.loads += 1
+
+    def _acquire(self, ids: list[str]) -> dict[str, int]:
+        """Slots for these ids, loading missing ones and evicting least recently used others."""
+        if len(ids) > self.cfg.capacity:
+            raise MixError(f"the batch uses {len(ids)} distinct adapters but the mixer has {self.cfg.capacity} "
+                           "slots; raise MixConfig.capacity or split the batch")
+        wanted = set(ids)
+        for aid in ids:
+            if aid in self._slot_of:
+                self._slot_of.move_to_end(aid)
+        for aid in ids:
+            if aid in self._slot_of:
+                continue
+            used = set(self._slot_of.values())
+            free = next((s for s in range(self._n_slots) if s not in used), None)
+            if free is None and self._n_slots < self.cfg.capacity:
+                free = self._n_slots
+                self._grow(min(self.cfg.capacity, self._n_slots * 2), self._rank)
+            if free is None:
+                victim = next(v for v in self._slot_of if v not in wanted)
+                free = self._slot_of.pop(victim)
+            self._load(aid, free)
+            self._slot_of[aid] = free
+        return {aid: self._slot_of[aid] for aid in ids}
+
+    def evict(self, adapter_id: str) -> None:
+        """Forget a loaded adapter (e.g. after it was removed from the library)."""
+        self._slot_of.pop(adapter_id, None)
+
+    # --- routing state ---------------------------------------------------------------------------
+    def set_mixture(self, rows: Sequence[Mixture]) -> None:
+        """Give every batch row its mixture; an empty mixture means the base model for that row."""
+        ids = list(dict.fromkeys(aid for row in rows for aid, w in row if w != 0.0))
+        if not ids:
+            self.clear()
+            return
+        slots = self._acquire(ids)
+        k = max(len(row) for row in rows)
+        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (B, k)
+        w = torch.zeros(len(rows), k, dtype=torch.float32)  # (B, k)
+        for i, row in enumerate(rows):
+            for j, (aid, weight) in enumerate(row):
+                if weight != 0.0:
+                    idx[i, j], w[i, j] = slots[aid], float(weight)
+        device = next(self.model.parameters()).device
+        self._state.idx, self._state.w = idx.to(device), w.to(device)
+
+    def clear(self) -> None:
+        self._state.idx = self._state.w = None
+
+    @contextlib.contextmanager
+    def mixture(self, rows: Sequence[Mixture]) -> Iterator[MixedModel]:
+        self.set_mixture(rows)
+        try:
+            yield self
+        finally:
+            self.clear()
+
+    # --- running ---------------------------------------------------------------------------------
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+               rows: Sequence[Mixture] | None = None) -> torch.Tensor:
+        """Logits (B, T, V) with each row's mixture (``rows`` None: the mixture already set)."""
+        ctx = self.mixture(rows) if rows is not None else contextlib.nullcontext()
+        with ctx, torch.inference_mode(), maybe_autocast(self.cfg.bf16):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
+
+    def remove(self) -> None:
+        """Put the base model's original linear layers back."""
+        for path, layer in self._layers.items():
+            parent_path, _, child = path.rpartition(".")
+            setattr(self._modules[parent_path] if parent_path else self.model, child, layer.base_layer)
+        self._layers.clear()
+        self._slot_of.clear()
+        self.clear()
