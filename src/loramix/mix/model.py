@@ -134,10 +134,13 @@ class MixedModel:
 
     # --- running ---------------------------------------------------------------------------------
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-               rows: Sequence[Mixture] | None = None) -> torch.Tensor:
-        """Logits (B, T, V) with each row's mixture (``rows`` None: the mixture already set)."""
+               rows: Sequence[Mixture] | None = None, bf16: bool | None = None) -> torch.Tensor:
+        """Logits (B, T, V) with each row's mixture (``rows`` None: the mixture already set).
+
+        ``bf16`` overrides the config's autocast switch (scoring passes False: it is a measurement).
+        """
         ctx = self.mixture(rows) if rows is not None else contextlib.nullcontext()
-        with ctx, torch.inference_mode(), maybe_autocast(self.cfg.bf16):
+        with ctx, torch.inference_mode(), maybe_autocast(self.cfg.bf16 if bf16 is None else bf16):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits  # (B, T, V)
 
     def remove(self) -> None:

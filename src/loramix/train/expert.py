@@ -1,0 +1,115 @@
+"""Train one expert LoRA adapter on a list of texts (PEFT on a private copy of the base model)."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from loramix.base import load_base
+from loramix.config import TrainConfig
+from loramix.errors import TrainingError
+from loramix.lora import LoraWeights
+
+
+@dataclass
+class TrainReport:
+    eval_loss_before: float
+    eval_loss_after: float
+    steps: int
+    train_texts: int
+    eval_texts: int
+    tokens_seen: int
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _pack(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
+    """Concatenate texts (EOS between them) into one stream and cut it into rows: (N, seq_len)."""
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for enc in tokenizer(list(texts), add_special_tokens=False)["input_ids"]:
+        stream.extend(enc)
+        stream.append(eos)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise TrainingError(f"the training texts hold {len(stream)} tokens, fewer than one sequence of {seq_len}")
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)  # (N, seq_len)
+
+
+@torch.no_grad()
+def _eval_loss(model, rows: torch.Tensor, batch_size: int) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(rows), batch_size):
+        x = rows[i:i + batch_size]  # (b, T)
+        total += float(model(input_ids=x, labels=x).loss) * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | None = None,
+                 progress: bool = True, description: str = "") -> tuple[LoraWeights, TrainReport]:
+    """LoRA-train the base on ``texts``; returns the adapter and eval losses before and after."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+
+    cfg = cfg or TrainConfig()
+    texts = [t for t in texts if t.strip()]
+    if len(texts) < 4:
+        raise TrainingError(f"need at least 4 non-empty training texts, got {len(texts)}")
+    rng = random.Random(cfg.seed)
+    texts = list(texts)
+    rng.shuffle(texts)
+    texts = texts[: cfg.max_examples]
+    n_eval = max(2, int(len(texts) * cfg.eval_fraction))
+    eval_texts, train_texts = texts[:n_eval], texts[n_eval:]
+    torch.manual_seed(cfg.seed)
+    bm = load_base(base_path)
+    tok, model = bm.tokenizer, bm.model
+    train_rows = _pack(tok, train_texts, cfg.seq_len)  # (N, T)
+    eval_rows = _pack(tok, eval_texts, cfg.seq_len)[:32]  # (M, T)
+    n_layers = model.config.num_hidden_layers
+    first = int(n_layers * cfg.layers_from)
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,
+                      layers_to_transform=list(range(first, n_layers)), task_type="CAUSAL_LM")
+    pm = get_peft_model(model, lcfg)
+    start = time.perf_counter()
+    before = _eval_loss(pm, eval_rows, cfg.batch_size)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
+    losses: list[float] = []
+    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))
+    pm.train()
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    with Progress(TextColumn("[bold]train {task.fields[name]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not progress,
+                  transient=False) as bar:
+        task = bar.add_task("train", total=cfg.steps, name=description or "expert", loss="-")
+        for step in range(cfg.steps):
+            pick = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(order)]
+            x = train_rows[pick]  # (b, T)
+            loss = pm(input_ids=x, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            bar.update(task, advance=1, loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+    after = _eval_loss(pm, eval_rows, cfg.batch_size)
+    state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
+    weights = LoraWeights.from_peft_state_dict(state, {"r": cfg.rank, "lora_alpha": cfg.alpha})
+    report = TrainReport(eval_loss_before=before, eval_loss_after=after, steps=cfg.steps, train_texts=len(train_texts),
+                         eval_texts=len(eval_texts), tokens_seen=cfg.steps * cfg.batch_size * cfg.seq_len,
+                         seconds=time.perf_counter() - start, losses=losses)
+    return weights, report
