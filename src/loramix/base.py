@@ -142,3 +142,13 @@ def maybe_autocast(bf16: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def base_linear_shapes(base: str | Path | None = None) -> dict[str, tuple[int, int]]:
+    """The linear-layer shapes of a base model from its config alone (built on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve_base_path(base)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    return linear_shapes(model)

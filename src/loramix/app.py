@@ -1,0 +1,232 @@
+"""The engine: one object tying the library, the router and the mixer together.
+
+The CLI (and later the HTTP layer) talks only to :class:`Loramix`, so each can be tested against it.
+Heavy parts load lazily: routing never loads the base model, listing never loads the encoder.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from loramix.base import BaseModel, base_linear_shapes, load_base, maybe_autocast, resolve_base_path
+from loramix.config import GenerateConfig, MixConfig, RouteConfig, TrainConfig, home_dir
+from loramix.errors import ConfigError
+from loramix.lora import LoraWeights
+from loramix.store import AdapterRecord, Library
+
+if TYPE_CHECKING:  # keeps start-up light
+    from loramix.mix import MixedModel
+    from loramix.route import Route, Router
+
+
+@dataclass
+class Answer:
+    """A generated answer with the mixture that produced it."""
+
+    text: str
+    adapters: list[dict[str, Any]]
+    route_ms: float
+    generate_ms: float
+    tokens: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "adapters": self.adapters, "route_ms": round(self.route_ms, 2),
+                "generate_ms": round(self.generate_ms, 1), "tokens": self.tokens, **self.info}
+
+
+def parse_mixture(spec: str) -> list[tuple[str, float]]:
+    """``"name:0.7,other:0.3"`` (weights default to equal shares) -> [(name, weight), ...]."""
+    items = [s.strip() for s in spec.split(",") if s.strip()]
+    if not items:
+        raise ConfigError(f"empty adapter list {spec!r}; expected 'name:weight,name:weight'")
+    out: list[tuple[str, float]] = []
+    for item in items:
+        name, _, w = item.partition(":")
+        try:
+            weight = float(w) if w else 1.0 / len(items)
+        except ValueError:
+            raise ConfigError(f"bad weight {w!r} for adapter {name!r}; expected a number as in 'name:0.5'") from None
+        out.append((name, weight))
+    return out
+
+
+class Loramix:
+    """The library, router and mixer of one ``home`` and one base model."""
+
+    def __init__(self, home: str | Path | None = None, base: str | Path | None = None, mix: MixConfig | None = None):
+        self.home = home_dir(home)
+        self._base_arg = base
+        self.mix_cfg = mix or MixConfig()
+        self._lib: Library | None = None
+        self._router: Router | None = None
+        self._base: BaseModel | None = None
+        self._mixer: MixedModel | None = None
+        self._lock = threading.RLock()  # one forward pass at a time through the shared mixer
+
+    # --- lazily built parts -------------------------------------------------------------------
+    @property
+    def library(self) -> Library:
+        if self._lib is None:
+            self._lib = Library(self.home)
+        return self._lib
+
+    @property
+    def router(self) -> Router:
+        if self._router is None:
+            from loramix.route import Router
+            from loramix.route.plugins import load_plugins
+
+            load_plugins()
+            self._router = Router(self.library)
+        return self._router
+
+    @property
+    def base(self) -> BaseModel:
+        if self._base is None:
+            self._base = load_base(self._base_arg)
+        return self._base
+
+    @property
+    def mixer(self) -> MixedModel:
+        if self._mixer is None:
+            from loramix.mix import MixedModel
+
+            self._mixer = MixedModel(self.base, self.library.load, self.mix_cfg)
+        return self._mixer
+
+    def base_path(self) -> Path:
+        return resolve_base_path(self._base_arg)
+
+    # --- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, path: str | Path, name: str, description: str = "", domain_tags: Sequence[str] = (),
+                    skill_tags: Sequence[str] = (), examples: Sequence[str] | None = None) -> AdapterRecord:
+        """Import a PEFT LoRA folder, validated against the base model's shapes, and key it."""
+        lib = self.library
+        lib.base_shapes = base_linear_shapes(self._base_arg)
+        rec = lib.add(path, name, description=description, domain_tags=domain_tags, skill_tags=skill_tags,
+                      examples=list(examples) if examples else None)
+        self.router.compute_key(rec.id)
+        return self.library.get(rec.id)
+
+    def add_weights(self, weights: LoraWeights, name: str, **kw: Any) -> AdapterRecord:
+        rec = self.library.add_weights(weights, name, **kw)
+        self.router.compute_key(rec.id)
+        return self.library.get(rec.id)
+
+    def remove_adapter(self, name: str) -> None:
+        rec = self.library.get(name)
+        self.library.remove(rec.id)
+        if self._mixer is not None:
+            self._mixer.evict(rec.id)
+
+    def merge(self, names: Sequence[str], weights: Sequence[float], method: str, new_name: str,
+              description: str = "", seed: int | None = 0, **kw: Any) -> AdapterRecord:
+        """Merge library adapters into a new ordinary library adapter (key from the union of examples)."""
+        from loramix.mix import merge
+
+        recs = [self.library.get(n) for n in names]
+        merged = merge([self.library.load(r.id) for r in recs], list(weights), method, seed=seed, **kw)
+        examples = [e for r in recs for e in self.library.examples(r.id)][:256]
+        tags = sorted({t for r in recs for t in r.domain_tags})
+        desc = description or "merge of " + ", ".join(r.name for r in recs) + f" ({method})"
+        return self.add_weights(merged, new_name, description=desc, domain_tags=tags, examples=examples or None,
+                                meta={"merged_from": [r.name for r in recs], "weights": list(weights), "method": method})
+
+    # --- routing ------------------------------------------------------------------------------
+    def route(self, query: str, cfg: RouteConfig | None = None) -> Route:
+        return self.router.route(query, cfg or RouteConfig())
+
+    def resolve(self, mixture: Sequence[tuple[str, float]]) -> list[tuple[AdapterRecord, float]]:
+        """Names or ids -> records, with a clear error for an unknown one."""
+        return [(self.library.get(n), w) for n, w in mixture]
+
+    def _mixture_for(self, query: str, adapters: Sequence[tuple[str, float]] | None,
+                     route: RouteConfig | None) -> tuple[list[tuple[str, float]], list[dict[str, Any]], float]:
+        if adapters is not None:
+            recs = self.resolve(adapters)
+            return ([(r.id, w) for r, w in recs], [{"name": r.name, "id": r.id, "weight": w} for r, w in recs], 0.0)
+        if route is None:
+            return [], [], 0.0
+        r = self.route(query, route)
+        return r.mixture, r.to_dict()["adapters"], r.latency_ms
+
+    # --- scoring ------------------------------------------------------------------------------
+    def score(self, text: str, adapters: Sequence[tuple[str, float]] | None = None,
+              route: RouteConfig | None = None) -> dict[str, Any]:
+        """Mean token NLL of ``text`` under a given mixture, a routed one, or the base model."""
+        from loramix.evaluate.score import score_texts
+
+        mixture, shown, _ = self._mixture_for(text, adapters, route)
+        with self._lock:
+            s = score_texts(self.mixer, [text], [mixture])[0]
+        return {"loss": s.loss, "tokens": s.tokens, "adapters": shown}
+
+    # --- generation ---------------------------------------------------------------------------
+    def chat_ids(self, prompt: str) -> torch.Tensor:
+        tok = self.base.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                          return_tensors="pt", return_dict=True)["input_ids"]
+        else:
+            ids = tok(prompt, return_tensors="pt")["input_ids"]
+        return ids  # (1, T)
+
+    def ask(self, prompt: str, adapters: Sequence[tuple[str, float]] | None = None, route: RouteConfig | None = None,
+            gen: GenerateConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
+        """Route (or take the given mixture), mix and generate; ``on_text`` receives the text as it streams."""
+        from transformers import TextStreamer
+
+        gen = gen or GenerateConfig()
+        mixture, shown, route_ms = self._mixture_for(prompt, adapters, route if adapters is None else None)
+        tok = self.base.tokenizer
+        ids = self.chat_ids(prompt)
+
+        class _Stream(TextStreamer):
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if on_text is not None and text:
+                    on_text(text)
+
+        t0 = time.perf_counter()
+        with self._lock:
+            mm = self.mixer
+            with mm.mixture([mixture]), torch.inference_mode(), maybe_autocast(self.mix_cfg.bf16):
+                kw: dict[str, Any] = {"do_sample": gen.temperature > 0}
+                if gen.temperature > 0:
+                    kw.update(temperature=gen.temperature, top_p=gen.top_p)
+                out = mm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                        max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id,
+                                        streamer=_Stream(tok, skip_prompt=True, skip_special_tokens=True), **kw)
+        new = out[0, ids.shape[1]:]
+        if mixture:
+            self.library.record_use([aid for aid, _ in mixture])
+        return Answer(text=tok.decode(new, skip_special_tokens=True).strip(), adapters=shown, route_ms=route_ms,
+                      generate_ms=(time.perf_counter() - t0) * 1000, tokens=int(new.numel()))
+
+    # --- training -----------------------------------------------------------------------------
+    def train_adapter(self, name: str, texts: Sequence[str], cfg: TrainConfig | None = None, description: str = "",
+                      domain_tags: Sequence[str] = (), skill_tags: Sequence[str] = (), source: str = "",
+                      progress: bool = True) -> tuple[AdapterRecord, dict[str, Any]]:
+        """Train an expert on ``texts`` and add it, keyed by its training examples."""
+        from loramix.train.expert import train_expert
+
+        if name in self.library:
+            raise ConfigError(f"an adapter named {name!r} already exists; remove it or pick another name")
+        cfg = cfg or TrainConfig()
+        weights, report = train_expert(str(self.base_path()), texts, cfg, progress=progress, description=name)
+        rng = np.random.default_rng(cfg.seed)
+        pick = rng.choice(len(texts), size=min(256, len(texts)), replace=False)
+        examples = [texts[int(i)][:1000] for i in pick]
+        rec = self.add_weights(weights, name, description=description, domain_tags=list(domain_tags),
+                               skill_tags=list(skill_tags), examples=examples,
+                               meta={"source": source, "train": {k: v for k, v in report.to_dict().items()
+                                                                 if k != "losses"}})
+        return rec, report.to_dict()
