@@ -1,0 +1,47 @@
+"""loramix: a library of LoRA adapters for one causal LM, routed and mixed per request.
+
+The public surface is small; everything else lives in the stage subpackages
+(``store``, ``route``, ``mix``, ``train``, ``evaluate``).
+"""
+
+from loramix.app import Answer, Loramix, parse_mixture
+from loramix.config import GenerateConfig, MixConfig, RouteConfig, TrainConfig
+from loramix.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    BaseModelError,
+    ConfigError,
+    InvalidAdapter,
+    LibraryError,
+    LoramixError,
+    MergeError,
+    MixError,
+    RoutingError,
+    TrainingError,
+)
+from loramix.lora import LoraWeights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterExists",
+    "AdapterNotFound",
+    "Answer",
+    "BaseModelError",
+    "ConfigError",
+    "GenerateConfig",
+    "InvalidAdapter",
+    "LibraryError",
+    "LoraWeights",
+    "Loramix",
+    "LoramixError",
+    "MergeError",
+    "MixConfig",
+    "MixError",
+    "RouteConfig",
+    "RoutingError",
+    "TrainConfig",
+    "TrainingError",
+    "__version__",
+    "parse_mixture",
+]
