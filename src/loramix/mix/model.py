@@ -71,8 +71,8 @@ class MixedModel:
         for path in weights.layers:
             self._inject(path)
         for path, layer in self._layers.items():
-            pair = weights.layers.get(path)
-            layer.write_slot(slot, *(pair if pair else (None, None)), scale=weights.scale)
+            a, b = weights.layers.get(path, (None, None))
+            layer.write_slot(slot, a, b, scale=weights.scale)
         self.loads += 1
 
     def _acquire(self, ids: list[str]) -> dict[str, int]:

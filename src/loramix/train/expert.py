@@ -75,9 +75,10 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
     tok, model = bm.tokenizer, bm.model
     train_rows = _pack(tok, train_texts, cfg.seq_len)  # (N, T)
     eval_rows = _pack(tok, eval_texts, cfg.seq_len)[:32]  # (M, T)
-    n_layers = model.config.num_hidden_layers
+    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
     first = int(n_layers * cfg.layers_from)
-    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=list(cfg.target_modules), lora_dropout=0.0,
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
+                      target_modules=list(cfg.target_modules), lora_dropout=0.0,
                       layers_to_transform=list(range(first, n_layers)), task_type="CAUSAL_LM")
     pm = get_peft_model(model, lcfg)
     start = time.perf_counter()
