@@ -11,7 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramix.config import GenerateConfig, MixConfig, RouteConfig, TrainConfig
+from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig
 from loramix.errors import LoramixError
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -27,12 +27,13 @@ Home = Annotated[Path | None, typer.Option("--home", envvar="LORAMIX_HOME", help
 Base = Annotated[str | None, typer.Option("--base", envvar="LORAMIX_BASE", help="Local Hugging Face causal-LM folder.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 K = Annotated[int, typer.Option("--k", help="Adapters per query.")]
-Strategy = Annotated[str, typer.Option("--strategy", help="semantic | tags | hybrid | trained | arrow.")]
+Strategy = Annotated[str | None, typer.Option("--strategy", help="semantic | tags | hybrid | trained | supervised | arrow (default: trained once `loramix train router` ran, else semantic).")]
 Temp = Annotated[float, typer.Option("--route-temperature", help="Softmax temperature for mixture weights.")]
 Tags = Annotated[str, typer.Option("--tags", help="Only adapters with all these comma-separated tags.")]
 Bf16 = Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (often slower on CPU).")]
 
 _R, _G, _T, _M = RouteConfig(), GenerateConfig(), TrainConfig(), MixConfig()
+_RF = RefineConfig()
 
 
 def _engine(home: Path | None, base: str | None = None, bf16: bool = False):
@@ -45,7 +46,12 @@ def _csv(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
 
-def _route_cfg(k: int, strategy: str, temperature: float, tags: str) -> RouteConfig:
+def _route_cfg(k: int, strategy: str | None, temperature: float, tags: str, home: Path | None = None) -> RouteConfig:
+    if strategy is None:  # the trained router when the library has one
+        from loramix.route.trained import default_strategy
+        from loramix.store import Library
+
+        strategy = default_strategy(Library(home))
     return RouteConfig(k=k, strategy=strategy, temperature=temperature, tags=_csv(tags))
 
 
@@ -154,10 +160,10 @@ def adapters_merge(names: list[str], name: Annotated[str, typer.Option("--name",
 
 # --- route / score / ask ----------------------------------------------------------------------
 @app.command("route")
-def route(query: str, k: K = _R.k, strategy: Strategy = _R.strategy, temperature: Temp = _R.temperature,
+def route(query: str, k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature,
           tags: Tags = "", home: Home = None, as_json: Json = False) -> None:
     """Pick the top-k adapters for a query and their mixture weights."""
-    r = _engine(home).route(query, _route_cfg(k, strategy, temperature, tags))
+    r = _engine(home).route(query, _route_cfg(k, strategy, temperature, tags, home))
     d = r.to_dict()
     if as_json:
         _print_json({"adapters": [{"name": a["name"], "score": a["score"], "weight": a["weight"]} for a in d["adapters"]],
@@ -175,7 +181,7 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
           file: Annotated[Path | None, typer.Option("--file")] = None,
           adapters: Annotated[str | None, typer.Option("--adapters", help="Forced mixture 'name:w,name:w'.")] = None,
           do_route: Annotated[bool, typer.Option("--route", help="Route the text to pick the mixture.")] = False,
-          k: K = _R.k, strategy: Strategy = _R.strategy, temperature: Temp = _R.temperature, tags: Tags = "",
+          k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature, tags: Tags = "",
           home: Home = None, base: Base = None, as_json: Json = False) -> None:
     """Mean token negative log-likelihood of a text (float32) under a mixture, a route, or the base model."""
     from loramix.app import parse_mixture
@@ -184,7 +190,7 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
         raise typer.BadParameter("give exactly one of --text or --file")
     body = text if text is not None else file.read_text()  # type: ignore[union-attr]
     mix = parse_mixture(adapters) if adapters else None
-    rcfg = _route_cfg(k, strategy, temperature, tags) if do_route and not mix else None
+    rcfg = _route_cfg(k, strategy, temperature, tags, home) if do_route and not mix else None
     res = _engine(home, base).score(body, adapters=mix, route=rcfg)
     if as_json:
         _print_json(res)
@@ -195,17 +201,21 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
 
 @app.command("ask")
 def ask(prompt: str, adapters: Annotated[str | None, typer.Option("--adapters", help="Forced mixture 'name:w,name:w'.")] = None,
-        k: K = _R.k, strategy: Strategy = _R.strategy, route_temperature: Temp = _R.temperature, tags: Tags = "",
+        k: K = _R.k, strategy: Strategy = None, route_temperature: Temp = _R.temperature, tags: Tags = "",
         no_route: Annotated[bool, typer.Option("--no-route", help="Answer with the base model alone.")] = False,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = _G.max_new_tokens,
         temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = _G.temperature,
+        refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Re-route when the routed mixture looks poor.")] = _RF.enabled,
+        max_prompt_loss: Annotated[float | None, typer.Option("--max-prompt-loss", help="Refine above this prompt NLL (nats/token).")] = _RF.max_prompt_loss,
+        max_entropy: Annotated[float | None, typer.Option("--max-entropy", help="Refine above this mean entropy of the first tokens (nats).")] = _RF.max_entropy,
+        refine_action: Annotated[str, typer.Option("--refine-action", help="widen | drop | base | auto.")] = _RF.action,
         home: Home = None, base: Base = None, bf16: Bf16 = False, as_json: Json = False) -> None:
     """Route the prompt, mix the chosen adapters and generate an answer (streamed)."""
     from loramix.app import parse_mixture
 
     eng = _engine(home, base, bf16)
     mix = parse_mixture(adapters) if adapters else None
-    rcfg = None if (mix or no_route) else _route_cfg(k, strategy, route_temperature, tags)
+    rcfg = None if (mix or no_route) else _route_cfg(k, strategy, route_temperature, tags, home)
     if not as_json and rcfg is not None:
         _show_route(eng.route(prompt, rcfg).to_dict()["adapters"])
     elif not as_json and mix:
@@ -215,12 +225,25 @@ def ask(prompt: str, adapters: Annotated[str | None, typer.Option("--adapters", 
         sys.stdout.write(t)
         sys.stdout.flush()
 
+    rf = RefineConfig(enabled=refine, max_prompt_loss=max_prompt_loss, max_entropy=max_entropy, action=refine_action)
     ans = eng.ask(prompt, adapters=mix, route=rcfg, gen=GenerateConfig(max_new_tokens, temperature),
-                  on_text=None if as_json else stream)
+                  on_text=None if as_json else stream, refine=rf)
     if as_json:
         _print_json(ans.to_dict())
     else:
         sys.stdout.write("\n")
+        _show_refine(ans.info.get("refine"))
+
+
+def _show_refine(info: dict[str, Any] | None) -> None:
+    if not info:
+        return
+    signals = f"prompt loss {info['prompt_loss']}, entropy {info['entropy']}"
+    if not info["triggered"]:
+        console.print(f"[dim]refine: not needed ({signals})[/]")
+        return
+    after = ", ".join(f"{a['name']} {a['weight']:.2f}" for a in info["after"]) or "base model"
+    console.print(f"refine: {info['action']} -> {info['chosen']} ({signals}); answered with {after}")
 
 
 # --- training ---------------------------------------------------------------------------------
@@ -251,6 +274,89 @@ def train_adapter(name: Annotated[str, typer.Option("--name")],
     else:
         console.print(f"[bold]{rec.name}[/]: eval loss {report['eval_loss_before']:.3f} -> "
                       f"{report['eval_loss_after']:.3f} in {report['seconds']:.0f} s")
+
+
+@train_app.command("experts")
+def train_experts(data: Annotated[str, typer.Option("--data", help="Unlabelled texts: a file, a corpus, or comma-separated corpora (zoology,botany,bible; each corpus is then a true label).")],
+                  n: Annotated[int, typer.Option("--n", help="Number of segments (experts).")],
+                  prefix: Annotated[str, typer.Option("--prefix", help="Adapters are named PREFIX-0 .. PREFIX-(N-1).")] = "cluster",
+                  steps: Annotated[int, typer.Option("--steps")] = _T.steps,
+                  rank: Annotated[int, typer.Option("--rank")] = _T.rank,
+                  lr: Annotated[float, typer.Option("--lr")] = _T.lr,
+                  batch_size: Annotated[int, typer.Option("--batch-size")] = _T.batch_size,
+                  seq_len: Annotated[int, typer.Option("--seq-len")] = _T.seq_len,
+                  max_examples: Annotated[int, typer.Option("--max-examples", help="Texts read and clustered, at most.")] = _T.max_examples,
+                  seed: Annotated[int, typer.Option("--seed")] = _T.seed,
+                  home: Home = None, base: Base = None, as_json: Json = False) -> None:
+    """Cluster unlabelled texts into N segments (k-means on sentence embeddings) and train one expert per segment.
+
+    Reports each segment's size and top terms, and the adjusted Rand index when true labels exist
+    (JSONL with a 'label'/'domain' field, or a comma-separated corpus list).
+    """
+    from loramix.train.experts import load_texts
+    from loramix.train.experts import train_experts as run
+
+    texts, labels = load_texts(data, limit=max_examples, seed=seed)
+    cfg = TrainConfig(steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, batch_size=batch_size, seq_len=seq_len,
+                      max_examples=max_examples, seed=seed)
+    res = run(_engine(home, base), texts, n, cfg, prefix=prefix, seed=seed, true_labels=labels, source=data,
+              progress=not as_json, log=None if as_json else lambda m: console.print(f"[dim]{m}[/]"))
+    if as_json:
+        _print_json(res)
+        return
+    table = Table("adapter", "texts", "top terms", "eval loss", *(["true labels"] if labels else []))
+    for sg in res["segments"]:
+        row = [sg["name"], str(sg["size"]), ", ".join(sg["terms"][:6]),
+               f"{sg['eval_loss_before']:.3f} -> {sg['eval_loss_after']:.3f}"]
+        if labels:
+            row.append(", ".join(f"{k}:{v}" for k, v in list(sg["labels"].items())[:3]))
+        table.add_row(*row)
+    out.print(table)
+    for sg in res["skipped"]:
+        console.print(f"[yellow]skipped {sg['name']}[/] ({sg['size']} texts): {sg['reason']}")
+    if res["ari"] is not None:
+        console.print(f"segments vs true labels: adjusted Rand index {res['ari']:.3f}")
+
+
+@train_app.command("router")
+def train_router(data: Annotated[str | None, typer.Option("--data", help="JSONL of query/target (or input/output) pairs, or texts cut into query (first 40% of words) and target: a file, zoology, computing, bible, c-api, dictd:NAME, fortune:NAME.")] = None,
+                 k: Annotated[int | None, typer.Option("--k", help="Candidates per query from the current router (default 8).")] = None,
+                 objective: Annotated[str | None, typer.Option("--objective", help="kl: each candidate alone | loop: leave one out of their uniform mix (default kl).")] = None,
+                 steps: Annotated[int | None, typer.Option("--steps", help="AdamW steps (default 300).")] = None,
+                 lr: Annotated[float | None, typer.Option("--lr", help="Learning rate (default 3e-3).")] = None,
+                 tau: Annotated[float | None, typer.Option("--tau", help="Target temperature on per-token losses (default 0.1 for kl, 0.03 for loop).")] = None,
+                 batch_size: Annotated[int | None, typer.Option("--batch-size")] = None,
+                 max_pairs: Annotated[int | None, typer.Option("--max-pairs", help="Use at most this many pairs (default 2000).")] = None,
+                 finetune_encoder: Annotated[bool, typer.Option("--finetune-encoder", help="Also fine-tune the sentence encoder (slow).")] = False,
+                 labels: Annotated[bool, typer.Option("--labels", help="Train the supervised baseline instead: --data JSONL with 'text' + 'adapter', or without --data the adapters' stored examples.")] = False,
+                 seed: Annotated[int | None, typer.Option("--seed")] = None,
+                 home: Home = None, base: Base = None, as_json: Json = False) -> None:
+    """Learn the router from each candidate adapter's loss on (query, target) pairs (perplexity distillation, no labels)."""
+    from loramix.config import RouterTrainConfig
+    from loramix.train import router as rt
+
+    given = {"k": k, "objective": objective, "steps": steps, "lr": lr, "tau": tau, "batch_size": batch_size,
+             "max_pairs": max_pairs, "seed": seed}
+    cfg = RouterTrainConfig(finetune_encoder=finetune_encoder, **{n: v for n, v in given.items() if v is not None})
+    eng = _engine(home, base)
+    if labels:
+        texts, names = rt.load_labelled(eng, data)
+        res = rt.train_supervised_router(eng, texts, names, cfg, progress=not as_json).to_dict()
+        summary = (f"supervised router over {res['n_adapters']} adapters: accuracy train {res['train_acc']:.3f}, "
+                   f"val {res['val_acc']:.3f}")
+    else:
+        if data is None:
+            raise typer.BadParameter("give --data (or --labels to train the supervised baseline)")
+        queries, targets = rt.load_pairs(data, cfg)
+        res = rt.train_router(eng, queries, targets, cfg, progress=not as_json).to_dict()
+        summary = (f"router ({res['objective']}, k={res['k']}, {res['n_train']}+{res['n_val']} queries): val KL "
+                   f"{res['val_kl_before']:.4f} -> {res['val_kl']:.4f}, top-1 agreement with the best candidate "
+                   f"{res['val_agree_before']:.2f} -> {res['val_agree']:.2f} (train {res['train_agree']:.2f}); "
+                   f"{res['rows_scored']} rows scored, {res['rows_cached']} cached")
+    if as_json:
+        _print_json(res)
+    else:
+        console.print(f"{summary}\nsaved {res['path']}")
 
 
 @app.command("quickstart")

@@ -28,7 +28,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAMIX_CACHE") or Path.home() / ".cache" / "loramix").expanduser()
 
 
-STRATEGIES = ("semantic", "tags", "hybrid", "trained", "arrow")
+STRATEGIES = ("semantic", "tags", "hybrid", "trained", "arrow", "supervised")
 
 
 @dataclass
@@ -106,3 +106,89 @@ class TrainConfig:
             raise ConfigError(f"layers_from must be in [0, 1), got {self.layers_from}")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("steps and batch_size must be >= 1 and seq_len >= 8")
+
+
+REFINE_ACTIONS = ("widen", "drop", "base", "auto")
+
+
+@dataclass
+class RefineConfig:
+    """Re-routing at generation when the routed mixture looks poor for the prompt.
+
+    Triggered when the prompt's mean token NLL under the mixture exceeds ``max_prompt_loss`` or the
+    mean entropy (nats) of the first ``n_tokens`` generated distributions exceeds ``max_entropy``
+    (None disables a check). Off by default: the thresholds depend on the base model, calibrate them
+    with ``loramix.refine.refine_eval``.
+    """
+
+    enabled: bool = False
+    max_prompt_loss: float | None = 4.0  # nats per token
+    max_entropy: float | None = 3.0  # nats
+    action: str = "auto"  # widen | drop | base | auto (the candidate with the lowest prompt loss)
+    widen_k: int = 2  # widen: route again with k + widen_k
+    n_tokens: int = 8  # generated tokens whose entropy is measured
+
+    def __post_init__(self) -> None:
+        if self.action not in REFINE_ACTIONS:
+            raise ConfigError(f"unknown refine action {self.action!r}; expected one of {', '.join(REFINE_ACTIONS)}")
+        if self.widen_k < 1:
+            raise ConfigError(f"widen_k must be at least 1, got {self.widen_k}")
+        if self.n_tokens < 1:
+            raise ConfigError(f"n_tokens must be at least 1, got {self.n_tokens}")
+
+
+ROUTER_OBJECTIVES = ("kl", "loop")
+
+
+@dataclass
+class RouterTrainConfig:
+    """Training the router from each candidate adapter's loss (perplexity distillation, no domain labels).
+
+    ``tau`` is the temperature of the target distribution over the ``k`` candidates, applied to mean
+    per-token losses (nats): ``softmax(-loss / tau)`` for ``kl``, ``softmax(loss_without_k / tau)`` for
+    ``loop``. A gap of ``tau`` nats/token multiplies the target odds by e. Expert gaps are typically
+    0.05-0.5 nats/token, so tau = 1 would give nearly uniform targets; None picks 0.1 for kl and 0.03
+    for loop (removing one of k adapters from a uniform mix moves the loss less).
+    """
+
+    k: int = 8  # candidates per query, from the untrained (semantic) router
+    objective: str = "kl"  # kl: each candidate alone; loop: leave-one-out of the uniform mix
+    tau: float | None = None  # target temperature (see above); None: per-objective default
+    temperature: float = 0.05  # initial router temperature: logits = cosine / temperature
+    learn_temperature: bool = True
+    steps: int = 300
+    lr: float = 3e-3
+    weight_decay: float = 0.01  # pulls the head and key deltas back toward the untrained router
+    batch_size: int = 32
+    finetune_encoder: bool = False  # also train the sentence encoder (slow; saved under meta/router/encoder)
+    encoder_lr: float = 1e-5
+    val_fraction: float = 0.2
+    query_fraction: float = 0.4  # split_texts: share of words (of the first max_words) used as the query
+    max_words: int = 128  # split_texts: words kept per text
+    max_pairs: int = 2000  # cap on (query, target) pairs
+    max_len: int = 256  # tokens of query + target scored
+    gumbel_tau: float = 1.0  # supervised baseline: Gumbel-softmax temperature
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.objective not in ROUTER_OBJECTIVES:
+            raise ConfigError(f"unknown router objective {self.objective!r}; expected one of {', '.join(ROUTER_OBJECTIVES)}")
+        if self.k < 2:
+            raise ConfigError(f"k must be at least 2 (the router learns to rank candidates), got {self.k}")
+        if self.tau is not None and not self.tau > 0:
+            raise ConfigError(f"tau must be > 0, got {self.tau}")
+        if not self.temperature > 0 or not self.gumbel_tau > 0:
+            raise ConfigError("temperature and gumbel_tau must be > 0")
+        if self.steps < 1 or self.batch_size < 1 or self.max_pairs < 1 or self.max_len < 8:
+            raise ConfigError("steps, batch_size and max_pairs must be >= 1 and max_len >= 8")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0.0 < self.query_fraction < 1.0:
+            raise ConfigError(f"query_fraction must be in (0, 1), got {self.query_fraction}")
+
+    @property
+    def target_tau(self) -> float:
+        """``tau``, or the objective's default."""
+        if self.tau is not None:
+            return self.tau
+        return 0.1 if self.objective == "kl" else 0.03

@@ -1,0 +1,426 @@
+"""Train the router from each adapter's contribution to the LM loss (Atlas-style perplexity distillation).
+
+No domain labels are read. For each (query, target) pair the current router (semantic, untrained
+keys) proposes ``k`` candidates; the mixer scores the target given the query (mean token NLL, see
+:func:`loramix.evaluate.score.score_texts`) under
+
+* ``kl``: each candidate alone; target distribution ``softmax(-loss / tau)``;
+* ``loop``: the uniform mix of the other ``k - 1`` candidates (leave one out); target
+  ``softmax(loss_without_k / tau)``: an adapter whose removal hurts gets more mass.
+
+A :class:`~loramix.route.trained.RouterHead` (projection over the frozen encoder + per-adapter key
+deltas + temperature) is trained with AdamW to minimise ``KL(target || router)`` over the candidates;
+the LM side is frozen. Losses are cached per row in ``meta/router/losses.npz`` keyed by a hash of the
+base model, the query, the target and the mixture's adapter blobs (sha256), so retraining only scores
+new rows. The supervised baseline (:func:`train_supervised_router`) is a classifier over adapters
+trained with Gumbel-softmax on texts labelled with the adapter they belong to.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loramix.config import RouterTrainConfig
+from loramix.errors import TrainingError
+from loramix.route.trained import ENCODER_DIR, RouterHead, router_dir, save_head, save_supervised
+
+if TYPE_CHECKING:
+    from loramix.app import Loramix
+
+LOSS_CACHE = "losses.npz"
+Mixture = list[tuple[str, float]]
+
+
+@dataclass
+class RouterReport:
+    """What :func:`train_router` did; KL in nats, agreement = router top-1 == target top-1."""
+
+    objective: str
+    n_queries: int
+    n_train: int
+    n_val: int
+    k: int
+    tau: float
+    steps: int
+    train_kl: float
+    val_kl: float
+    val_kl_before: float
+    train_agree: float
+    val_agree: float
+    val_agree_before: float
+    val_p_best: float  # mean router probability of the target's best candidate
+    val_p_best_before: float
+    temperature: float
+    rows_scored: int  # mixer rows computed (the rest came from the cache)
+    rows_cached: int
+    seconds: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class SupervisedReport:
+    n_texts: int
+    n_train: int
+    n_val: int
+    n_adapters: int
+    train_acc: float
+    val_acc: float
+    steps: int
+    seconds: float
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- data -------------------------------------------------------------------------------------
+def split_texts(texts: Sequence[str], query_fraction: float = 0.4, max_words: int = 128) -> tuple[list[str], list[str]]:
+    """Cut plain texts into (query, target): the first ``query_fraction`` of the words (of the first
+    ``max_words``) is the query, the rest the target (keeping its leading whitespace). Texts of fewer
+    than 2 words are skipped."""
+    queries, targets = [], []
+    for text in texts:
+        words = list(re.finditer(r"\S+", text))[:max_words]
+        if len(words) < 2:
+            continue
+        n_q = min(len(words) - 1, max(1, round(len(words) * query_fraction)))
+        cut = words[n_q - 1].end()
+        queries.append(text[:cut].strip())
+        targets.append(text[cut: words[-1].end()])
+    return queries, targets
+
+
+def _jsonl_rows(path: Path) -> list[dict[str, Any]] | None:
+    if not (path.is_file() and path.suffix in (".jsonl", ".ndjson")):
+        return None
+    rows = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise TrainingError(f"{path}:{i}: not valid JSON ({e})") from e
+    return rows if rows and all(isinstance(r, dict) for r in rows) else None
+
+
+def load_pairs(spec: str, cfg: RouterTrainConfig | None = None) -> tuple[list[str], list[str]]:
+    """(queries, targets) for ``--data``: JSONL with "query"/"target" (or "input"/"output"), else any
+    :func:`loramix.train.corpora.load_source` spec cut by :func:`split_texts`."""
+    from loramix.train.corpora import load_source
+
+    cfg = cfg or RouterTrainConfig()
+    rows = _jsonl_rows(Path(spec).expanduser())
+    if rows is not None:
+        qs = [r.get("query", r.get("input")) for r in rows]
+        ts = [r.get("target", r.get("output")) for r in rows]
+        if all(isinstance(x, str) for x in qs + ts):  # a target gets a leading space to follow its query
+            return [str(q) for q in qs], [str(t) if str(t)[:1].isspace() else f" {t}" for t in ts]
+    return split_texts(load_source(spec), cfg.query_fraction, cfg.max_words)
+
+
+def load_labelled(engine: Loramix, spec: str | None) -> tuple[list[str], list[str]]:
+    """(texts, adapter names) for the supervised baseline: JSONL with "text" and "adapter" (or
+    "label"), else (``spec`` None) every adapter's stored examples labelled with its name."""
+    if spec is None:
+        lib = engine.library
+        pairs = [(e, rec.name) for rec in lib.list() for e in lib.examples(rec.id) if e.strip()]
+        if not pairs:
+            raise TrainingError("no adapter has stored examples; pass --data with 'text' and 'adapter' fields")
+        return [t for t, _ in pairs], [n for _, n in pairs]
+    rows = _jsonl_rows(Path(spec).expanduser())
+    if rows is None or not all(isinstance(r.get("text"), str) and isinstance(r.get("adapter", r.get("label")), str)
+                               for r in rows):
+        raise TrainingError(f"--labels needs a JSONL file whose rows have 'text' and 'adapter' (or 'label'); got {spec!r}")
+    return [str(r["text"]) for r in rows], [str(r.get("adapter", r.get("label"))) for r in rows]
+
+
+# --- losses -----------------------------------------------------------------------------------
+def _base_signature(engine: Loramix) -> str:
+    path = engine.base_path().resolve()
+    st = (path / "config.json").stat()
+    return f"{path}:{st.st_mtime_ns}"
+
+
+class _LossCache:
+    """Row hash -> loss, persisted as an npz of two arrays (no pickle)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.data: dict[str, float] = {}
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    self.data = dict(zip(z["keys"].tolist(), z["values"].tolist(), strict=True))
+            except (OSError, ValueError, KeyError):
+                self.data = {}  # unreadable cache: recompute
+
+    def save(self) -> None:
+        tmp = self.path.with_name(f".{self.path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, keys=np.array(list(self.data), dtype="<U32"), values=np.array(list(self.data.values()), np.float32))
+        os.replace(tmp, self.path)
+
+
+def mixture_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str], mixtures: Sequence[Mixture],
+                   max_len: int = 256, cache: bool = True) -> tuple[np.ndarray, int]:
+    """Mean token NLL of ``targets[i]`` given ``queries[i]`` under ``mixtures[i]``: ``(R,)`` losses and the
+    number of rows actually scored (the others were cached)."""
+    lib = engine.library
+    blobs: dict[str, str] = {}
+
+    def blob(aid: str) -> str:
+        if aid not in blobs:
+            blobs[aid] = lib.get(aid).blob
+        return blobs[aid]
+
+    base = _base_signature(engine)
+    keys = [hashlib.blake2b(json.dumps([base, max_len, q, t, [[blob(a), round(w, 6)] for a, w in m]]).encode(),
+                            digest_size=16).hexdigest() for q, t, m in zip(queries, targets, mixtures, strict=True)]
+    store = _LossCache(router_dir(lib) / LOSS_CACHE) if cache else None
+    known = store.data if store is not None else {}
+    todo = [i for i, k in enumerate(keys) if k not in known]
+    fresh: dict[str, float] = {}
+    if todo:
+        from loramix.evaluate.score import score_texts
+
+        with engine._lock:
+            mm = engine.mixer
+            for chunk in _chunks(todo, mixtures, mm.cfg.capacity):
+                scores = score_texts(mm, [queries[i] for i in chunk], [mixtures[i] for i in chunk],
+                                     targets=[targets[i] for i in chunk], max_len=max_len)
+                fresh.update((keys[i], s.loss) for i, s in zip(chunk, scores, strict=True))
+        if store is not None:
+            store.data.update(fresh)
+            store.save()
+    out = np.array([fresh[k] if k in fresh else known[k] for k in keys], dtype=np.float32)  # (R,)
+    return out, len(todo)
+
+
+def _chunks(rows: list[int], mixtures: Sequence[Mixture], capacity: int) -> list[list[int]]:
+    """Split rows so that no call to the mixer needs more distinct adapters than it has slots."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    seen: set[str] = set()
+    for i in rows:
+        ids = {a for a, _ in mixtures[i]}
+        if cur and len(seen | ids) > capacity:
+            out.append(cur)
+            cur, seen = [], set()
+        cur.append(i)
+        seen |= ids
+    return [*out, cur] if cur else out
+
+
+def _grid(engine: Loramix, queries: Sequence[str], targets: Sequence[str], candidates: Sequence[Sequence[str]],
+          objective: str, max_len: int, cache: bool) -> tuple[np.ndarray, int]:
+    k = len(candidates[0]) if len(candidates) else 0
+    if any(len(c) != k for c in candidates):
+        raise ValueError("every query needs the same number of candidates")
+    qs, ts, mixes = [], [], []
+    for q, t, cands in zip(queries, targets, candidates, strict=True):
+        for j in range(k):
+            if objective == "kl":
+                mixes.append([(cands[j], 1.0)])
+            else:  # loop: uniform mix of the others
+                others = [a for i, a in enumerate(cands) if i != j]
+                mixes.append([(a, 1.0 / len(others)) for a in others])
+            qs.append(q)
+            ts.append(t)
+    losses, n = mixture_losses(engine, qs, ts, mixes, max_len=max_len, cache=cache)
+    return losses.reshape(len(queries), k), n  # (N, K)
+
+
+def candidate_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
+                     candidates: Sequence[Sequence[str]], max_len: int = 256, cache: bool = True) -> np.ndarray:
+    """``(N, K)`` loss of each target given its query with each candidate adapter alone (cached)."""
+    return _grid(engine, queries, targets, candidates, "kl", max_len, cache)[0]
+
+
+def loo_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
+               candidates: Sequence[Sequence[str]], max_len: int = 256, cache: bool = True) -> np.ndarray:
+    """``(N, K)`` loss under the uniform mix of the candidates without candidate k (cached)."""
+    return _grid(engine, queries, targets, candidates, "loop", max_len, cache)[0]
+
+
+def target_distribution(losses: np.ndarray, objective: str, tau: float) -> np.ndarray:
+    """``softmax(-loss / tau)`` (kl) or ``softmax(loss_without_k / tau)`` (loop), per row: ``(N, K)``."""
+    z = (-losses if objective == "kl" else losses) / tau  # (N, K)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+# --- training ---------------------------------------------------------------------------------
+def _split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(int(round(n * val_fraction)), n - 1)
+    return perm[n_val:], perm[:n_val]
+
+
+def _progress(enabled: bool, label: str) -> Any:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("loss {task.fields[loss]}"), TimeRemainingColumn(), disable=not enabled)
+
+
+class _QueryEncoder:
+    """Query embeddings: precomputed (frozen encoder) or recomputed with grad (fine-tuned copy)."""
+
+    def __init__(self, engine: Loramix, queries: list[str], finetune: bool) -> None:
+        enc = engine.router.encoder
+        self.queries = queries
+        self.frozen = torch.from_numpy(enc.encode(queries))  # (N, d)
+        self.model = copy.deepcopy(enc.model) if finetune else None  # never touch the shared encoder
+
+    def __call__(self, idx: np.ndarray, grad: bool) -> torch.Tensor:
+        if self.model is None:
+            return self.frozen[torch.as_tensor(idx)]  # (B, d)
+        self.model.train(grad)
+        with torch.set_grad_enabled(grad):
+            prep = getattr(self.model, "preprocess", None) or self.model.tokenize  # tokenize: older versions
+            feats = prep([self.queries[int(i)] for i in idx])
+            emb = self.model(feats)["sentence_embedding"]  # (B, d)
+            return F.normalize(emb, dim=-1)
+
+
+def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
+                 cfg: RouterTrainConfig | None = None, progress: bool = True) -> RouterReport:
+    """Distil the adapters' losses on (query, target) pairs into the router head; saves it with the library."""
+    cfg = cfg or RouterTrainConfig()
+    t0 = time.perf_counter()
+    queries, targets = list(queries), list(targets)
+    if len(queries) != len(targets):
+        raise TrainingError(f"{len(queries)} queries but {len(targets)} targets")
+    keep = [i for i, (q, t) in enumerate(zip(queries, targets, strict=True)) if q.strip() and t.strip()]
+    if len(keep) > cfg.max_pairs:
+        keep = sorted(np.random.default_rng(cfg.seed).choice(keep, cfg.max_pairs, replace=False).tolist())
+    queries, targets = [queries[i] for i in keep], [targets[i] for i in keep]
+    if len(queries) < 4:
+        raise TrainingError(f"need at least 4 non-empty (query, target) pairs, got {len(queries)}")
+    router = engine.router
+    router.sync()
+    if router.index.ntotal < 2:
+        raise TrainingError("the router learns to rank adapters: the library needs at least 2 with routing keys")
+    qenc = _QueryEncoder(engine, queries, cfg.finetune_encoder)
+    cands = [[a for a, _ in row] for row in router.dense_search(qenc.frozen.numpy(), cfg.k, None)]
+    losses, scored = _grid(engine, queries, targets, cands,
+                           cfg.objective, cfg.max_len, cache=True)  # (N, K)
+    tau = cfg.target_tau
+    p = torch.from_numpy(target_distribution(losses, cfg.objective, tau))  # (N, K)
+    table = sorted({a for row in cands for a in row})
+    key_ids, key_mat = engine.library.keys(table)
+    keys = dict(zip(key_ids, np.asarray(key_mat, np.float32), strict=True))
+    row = {a: i for i, a in enumerate(table)}
+    cand = torch.tensor([[row[a] for a in c] for c in cands])  # (N, K)
+    torch.manual_seed(cfg.seed)
+    head = RouterHead(torch.from_numpy(np.stack([keys[a] for a in table])), cfg.temperature, cfg.learn_temperature)
+    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": cfg.lr}]
+    if qenc.model is not None:
+        groups.append({"params": list(qenc.model.parameters()), "lr": cfg.encoder_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    train_idx, val_idx = _split(len(queries), cfg.val_fraction, cfg.seed)
+    best = p.argmax(dim=1)  # (N,)
+
+    def evaluate(idx: np.ndarray) -> tuple[float, float, float]:
+        if len(idx) == 0:
+            return float("nan"), float("nan"), float("nan")
+        with torch.no_grad():
+            ix = torch.as_tensor(idx)
+            logq = F.log_softmax(head(qenc(idx, grad=False), cand[ix]), dim=1)  # (n, K)
+            kl = F.kl_div(logq, p[ix], reduction="batchmean")
+            agree = (logq.argmax(dim=1) == best[ix]).float().mean()
+            p_best = logq.exp().gather(1, best[ix, None]).mean()
+        return float(kl), float(agree), float(p_best)
+
+    val_before = evaluate(val_idx)
+    rng = np.random.default_rng(cfg.seed)
+    recent: list[float] = []
+    with _progress(progress, "train router") as bar:
+        task = bar.add_task("router", total=cfg.steps, loss="-")
+        for _ in range(cfg.steps):
+            b = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
+            logits = head(qenc(b, grad=True), cand[torch.as_tensor(b)])  # (B, K)
+            loss = F.kl_div(F.log_softmax(logits, dim=1), p[torch.as_tensor(b)], reduction="batchmean")  # KL(p || router)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            recent = [*recent[-9:], float(loss.detach())]
+            bar.update(task, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
+    train_m, val_m = evaluate(train_idx), evaluate(val_idx)
+    folder = router_dir(engine.library)
+    if qenc.model is not None:
+        qenc.model.eval()
+        qenc.model.save(str(folder / ENCODER_DIR), safe_serialization=True)
+    report = RouterReport(
+        objective=cfg.objective, n_queries=len(queries), n_train=len(train_idx), n_val=len(val_idx), k=cand.shape[1],
+        tau=tau, steps=cfg.steps, train_kl=train_m[0], val_kl=val_m[0], val_kl_before=val_before[0],
+        train_agree=train_m[1], val_agree=val_m[1], val_agree_before=val_before[1], val_p_best=val_m[2],
+        val_p_best_before=val_before[2], temperature=float(head.temperature.detach()), rows_scored=scored,
+        rows_cached=losses.size - scored, seconds=time.perf_counter() - t0, path="")
+    config = {"objective": cfg.objective, "k": cfg.k, "tau": tau, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
+              "encoder": router.encoder.name, "finetuned_encoder": cfg.finetune_encoder,
+              "base": str(engine.base_path()), "created": time.time(), "report": report.to_dict()}
+    report.path = str(save_head(engine.library, head, table, config))
+    return report
+
+
+def train_supervised_router(engine: Loramix, texts: Sequence[str], labels: Sequence[str],
+                            cfg: RouterTrainConfig | None = None, progress: bool = True) -> SupervisedReport:
+    """Classifier head (encoder dim -> adapters) over the frozen encoder, trained with Gumbel-softmax on
+    texts labelled with the adapter (name or id) they belong to; saved as ``supervised.safetensors``."""
+    cfg = cfg or RouterTrainConfig()
+    t0 = time.perf_counter()
+    if len(texts) != len(labels):
+        raise TrainingError(f"{len(texts)} texts but {len(labels)} labels")
+    lib = engine.library
+    ids = [lib.get(name).id for name in labels]  # AdapterNotFound names the unknown label
+    classes = sorted(set(ids))
+    if len(classes) < 2 or len(texts) < 4:
+        raise TrainingError("the supervised router needs at least 4 texts labelled with at least 2 adapters")
+    y = torch.tensor([classes.index(a) for a in ids])  # (N,)
+    x = torch.from_numpy(engine.router.encoder.encode(list(texts)))  # (N, d)
+    torch.manual_seed(cfg.seed)
+    lin = torch.nn.Linear(x.shape[1], len(classes))
+    opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    train_idx, val_idx = _split(len(texts), cfg.val_fraction, cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    with _progress(progress, "train supervised router") as bar:
+        task = bar.add_task("supervised", total=cfg.steps, loss="-")
+        for _ in range(cfg.steps):
+            b = torch.as_tensor(rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False))
+            soft = F.gumbel_softmax(lin(x[b]), tau=cfg.gumbel_tau, hard=False)  # (B, C)
+            loss = -torch.log(soft.gather(1, y[b, None]) + 1e-9).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            bar.update(task, advance=1, loss=f"{float(loss.detach()):.4f}")
+
+    def acc(idx: np.ndarray) -> float:
+        if len(idx) == 0:
+            return float("nan")
+        with torch.no_grad():
+            ix = torch.as_tensor(idx)
+            return float((lin(x[ix]).argmax(dim=1) == y[ix]).float().mean())
+
+    report = SupervisedReport(len(texts), len(train_idx), len(val_idx), len(classes), acc(train_idx), acc(val_idx),
+                              cfg.steps, time.perf_counter() - t0, "")
+    config = {"encoder": engine.router.encoder.name, "gumbel_tau": cfg.gumbel_tau, "steps": cfg.steps,
+              "created": time.time(), "report": report.to_dict()}
+    report.path = str(save_supervised(lib, lin, classes, config))
+    return report
