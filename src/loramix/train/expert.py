@@ -105,7 +105,7 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
             bar.update(task, advance=1, loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
     after = _eval_loss(pm, eval_rows, cfg.batch_size)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
