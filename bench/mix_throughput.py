@@ -36,14 +36,17 @@ from loramix.testing import random_lora
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def timed(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
+def timed(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds per call of each function, run round-robin so drift hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for key, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def main() -> None:
@@ -76,10 +79,10 @@ def main() -> None:
 
     mm = MixedModel(base, lib.load, MixConfig(capacity=max(64, 3 * nb)))
     mm.logits(ids, mask, rows=mix3)  # load every adapter used so both settings are warm
-    res: dict[str, float] = {}
-    res["base_tok_s"] = nb * nt / timed(lambda: mm.logits(ids, mask, rows=[[] for _ in range(nb)]), args.repeats)
-    res["one_adapter_tok_s"] = nb * nt / timed(lambda: mm.logits(ids, mask, rows=one), args.repeats)
-    res["mix3_tok_s"] = nb * nt / timed(lambda: mm.logits(ids, mask, rows=mix3), args.repeats)
+    secs = timed({"base_tok_s": lambda: mm.logits(ids, mask, rows=[[] for _ in range(nb)]),
+                  "one_adapter_tok_s": lambda: mm.logits(ids, mask, rows=one),
+                  "mix3_tok_s": lambda: mm.logits(ids, mask, rows=mix3)}, args.repeats)
+    res: dict[str, float] = {k: nb * nt / v for k, v in secs.items()}
     mm.remove()
 
     if not args.skip_peft:
@@ -104,7 +107,6 @@ def main() -> None:
             with torch.inference_mode():
                 pm(input_ids=ids, attention_mask=mask, adapter_names=row_names)
 
-        res["peft_one_adapter_tok_s"] = nb * nt / timed(peft_one, args.repeats)
 
         def peft_mix3() -> None:
             built = []
@@ -117,7 +119,8 @@ def main() -> None:
             for name in built:
                 pm.delete_adapter(name)
 
-        res["peft_mix3_tok_s"] = nb * nt / timed(peft_mix3, max(1, args.repeats // 2))
+        psecs = timed({"peft_one_adapter_tok_s": peft_one, "peft_mix3_tok_s": peft_mix3}, args.repeats)
+        res.update({k: nb * nt / v for k, v in psecs.items()})
 
     b = res["base_tok_s"]
     print(f"batch {nb} x {nt} tokens, {args.adapters} adapters in the library (rank {args.rank}), "
