@@ -361,7 +361,7 @@ def train_router(data: Annotated[str | None, typer.Option("--data", help="JSONL 
 
 @app.command("quickstart")
 def quickstart(home: Home = None, base: Base = None,
-               steps: Annotated[int, typer.Option("--steps", help="Training steps per expert.")] = 60,
+               steps: Annotated[int, typer.Option("--steps", help="Training steps per expert.")] = 40,
                as_json: Json = False) -> None:
     """Build a starter library of expert adapters from real corpora, then answer one question per domain."""
     from loramix.quickstart import run_quickstart

@@ -30,7 +30,7 @@ STARTER: list[tuple[str, str, str, list[str], str]] = [
 ]
 
 
-def run_quickstart(home: str | Path | None = None, base: str | None = None, steps: int = 60, quiet: bool = False,
+def run_quickstart(home: str | Path | None = None, base: str | None = None, steps: int = 40, quiet: bool = False,
                    max_new_tokens: int = 48, examples: int = 1200) -> dict[str, Any]:
     from loramix.app import Loramix
     from loramix.train.corpora import load_source
@@ -52,7 +52,7 @@ def run_quickstart(home: str | Path | None = None, base: str | None = None, step
             eng.remove_adapter(name)
         console.print(f"[{i}/{len(STARTER)}] train [bold]{name}[/] on the {corpus} corpus")
         texts = load_source(corpus, limit=examples)
-        cfg = TrainConfig(steps=steps, max_examples=examples)
+        cfg = TrainConfig(steps=steps, seq_len=64, batch_size=8, max_examples=examples)
         _, report = eng.train_adapter(name, texts, cfg, description=desc, domain_tags=tags, source=corpus,
                                       progress=not quiet)
         console.print(f"    eval loss {report['eval_loss_before']:.3f} -> {report['eval_loss_after']:.3f} "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import random
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -74,13 +75,15 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
     bm = load_base(base_path)
     tok, model = bm.tokenizer, bm.model
     train_rows = _pack(tok, train_texts, cfg.seq_len)  # (N, T)
-    eval_rows = _pack(tok, eval_texts, cfg.seq_len)[:32]  # (M, T)
+    eval_rows = _pack(tok, eval_texts, cfg.seq_len)[:24]  # (M, T)
     n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
     first = int(n_layers * cfg.layers_from)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
                       target_modules=list(cfg.target_modules), lora_dropout=0.0,
                       layers_to_transform=list(range(first, n_layers)), task_type="CAUSAL_LM")
-    pm = get_peft_model(model, lcfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        pm = get_peft_model(model, lcfg)
     start = time.perf_counter()
     before = _eval_loss(pm, eval_rows, cfg.batch_size)
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -106,7 +109,10 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
             sched.step()
             opt.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
-            bar.update(task, advance=1, loss=f"{sum(losses[-10:]) / len(losses[-10:]):.3f}")
+            recent = f"{sum(losses[-10:]) / len(losses[-10:]):.3f}"
+            bar.update(task, advance=1, loss=recent)
+            if progress and not bar.console.is_terminal and (step + 1) % 10 == 0:  # logs get plain lines
+                bar.console.print(f"train {description or 'expert'}: step {step + 1}/{cfg.steps} loss {recent}")
     after = _eval_loss(pm, eval_rows, cfg.batch_size)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
     weights = LoraWeights.from_peft_state_dict(state, {"r": cfg.rank, "lora_alpha": cfg.alpha})
