@@ -2,47 +2,20 @@
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from loramix.app import Loramix
 from loramix.base import BaseModel
 from loramix.config import GenerateConfig, RefineConfig, RouteConfig
 from loramix.errors import ConfigError
 from loramix.refine import decide, refine_eval, without
-from loramix.testing import random_lora
+from loramix.testing import HashEncoder, random_lora
 
 PROMPT = "botany is the study of plants"
 GEN = GenerateConfig(max_new_tokens=3)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from threads, and on a busy shared CPU they contend badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class HashEncoder:
-    """A stand-in sentence encoder: seeded random unit vectors (routing is not under test here)."""
-
-    name = "hash"
-    dim = 16
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little")
-            v = np.random.default_rng(seed).standard_normal(self.dim)
-            out[i] = v / np.linalg.norm(v)
-        return out
 
 
 @pytest.fixture

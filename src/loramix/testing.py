@@ -7,9 +7,11 @@ any real model. Nothing is downloaded.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from loramix.lora import LoraWeights
@@ -67,3 +69,19 @@ def random_lora(base: BaseModel, rank: int = 4, alpha: float = 8.0, seed: int = 
             b = torch.randn(n_out, rank, generator=g) * std  # (n_out, r)
             layers[path] = (a, b)
     return LoraWeights(rank=rank, alpha=alpha, layers=layers)
+
+
+class HashEncoder:
+    """A stand-in sentence encoder for tests where routing quality is not under test:
+    a seeded random unit vector per text (same text, same vector, in every process)."""
+
+    name = "hash"
+    dim = 16
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        for i, t in enumerate(texts):
+            seed = int.from_bytes(hashlib.sha256(t.encode()).digest()[:4], "little")
+            v = np.random.default_rng(seed).standard_normal(self.dim)
+            out[i] = v / np.linalg.norm(v)
+        return out

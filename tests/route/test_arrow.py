@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,33 +14,10 @@ from loramix.lora import LoraWeights
 from loramix.route import Router
 from loramix.route.arrow import attach_base, compute_prototypes, layer_inputs, prototypes, top_right_singular
 from loramix.store import Library
-from loramix.testing import random_lora
+from loramix.testing import HashEncoder, random_lora
 
 PROMPT_X = "the quick brown fox jumps over the lazy dog"
 PROMPT_Y = "int main(void) { return 0; }"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from threads, and on a busy shared CPU they contend badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-class HashEncoder:
-    """A stand-in sentence encoder (arrow ignores the query embeddings): seeded random unit vectors."""
-
-    name = "hash"
-    dim = 16
-
-    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        for i, t in enumerate(texts):
-            v = np.random.default_rng(abs(hash(t)) % 2**32).standard_normal(self.dim)
-            out[i] = v / np.linalg.norm(v)
-        return out
 
 
 def aligned_lora(base: BaseModel, prompt: str, seed: int, rank: int = 4) -> LoraWeights:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from loramix.app import Loramix
 from loramix.config import TrainConfig
@@ -23,15 +21,6 @@ CODE = [f"The compiler reports a segmentation fault when the {x} pointer is dere
         for x, n in [("null", 12), ("dangling", 40), ("freed", 77), ("stack", 93), ("heap", 120),
                      ("array", 150), ("string", 188), ("struct", 201), ("buffer", 244), ("file", 290)]]
 TINY = TrainConfig(steps=2, seq_len=16, batch_size=2, rank=2, alpha=4.0)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tiny model gains nothing from threads, and on a busy shared CPU they contend badly."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import re
 import subprocess
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -572,8 +572,8 @@ def _read_txt(path: Path) -> list[str]:
     return [ln.strip() for ln in text.split("\n") if ln.strip()]
 
 
-def _read_jsonl(path: Path) -> list[str]:
-    out = []
+def jsonl_rows(path: Path) -> Iterator[tuple[dict, str]]:
+    """Each JSONL object with its text: field ``text``, or ``input`` + ``output``/``target`` joined."""
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
             if not line.strip():
@@ -585,14 +585,17 @@ def _read_jsonl(path: Path) -> list[str]:
             if not isinstance(row, dict):
                 raise TrainingError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
             if isinstance(row.get("text"), str):
-                out.append(row["text"])
+                yield row, row["text"]
             elif isinstance(row.get("input"), str) and isinstance(row.get("output", row.get("target")), str):
-                out.append(f"{row['input']}\n{row.get('output', row.get('target'))}")
+                yield row, f"{row['input']}\n{row.get('output', row.get('target'))}"
             else:
                 raise TrainingError(
                     f"{path}:{i}: expected a string field 'text', or 'input' and 'output'/'target'; got keys {sorted(row)}"
                 )
-    return out
+
+
+def _read_jsonl(path: Path) -> list[str]:
+    return [text for _, text in jsonl_rows(path)]
 
 
 def _dictd_source(name: str) -> list[str]:

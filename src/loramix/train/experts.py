@@ -13,7 +13,6 @@ reported.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -24,6 +23,7 @@ import numpy as np
 
 from loramix.config import TrainConfig
 from loramix.errors import ConfigError, TrainingError
+from loramix.train.corpora import jsonl_rows
 
 if TYPE_CHECKING:
     from loramix.app import Loramix
@@ -37,27 +37,11 @@ class TextEncoder(Protocol):
 def _jsonl_with_labels(path: Path) -> tuple[list[str], list[str] | None]:
     texts: list[str] = []
     labels: list[str | None] = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as e:
-                raise TrainingError(f"{path}:{i}: not valid JSON ({e})") from e
-            if not isinstance(row, dict):
-                raise TrainingError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
-            if isinstance(row.get("text"), str):
-                text = row["text"]
-            elif isinstance(row.get("input"), str) and isinstance(row.get("output", row.get("target")), str):
-                text = f"{row['input']}\n{row.get('output', row.get('target'))}"
-            else:
-                raise TrainingError(f"{path}:{i}: expected a string field 'text', or 'input' and "
-                                    f"'output'/'target'; got keys {sorted(row)}")
-            if text.strip():
-                label = row.get("label", row.get("domain"))
-                texts.append(text)
-                labels.append(None if label is None else str(label))
+    for row, text in jsonl_rows(path):
+        if text.strip():
+            label = row.get("label", row.get("domain"))
+            texts.append(text)
+            labels.append(None if label is None else str(label))
     if not texts:
         raise TrainingError(f"--data {path}: no texts found")
     return texts, ([lb for lb in labels if lb is not None] if all(lb is not None for lb in labels) else None)
