@@ -335,7 +335,7 @@ def train_router(data: Annotated[str | None, typer.Option("--data", help="JSONL 
     from loramix.config import RouterTrainConfig
     from loramix.train import router as rt
 
-    given = {"k": k, "objective": objective, "steps": steps, "lr": lr, "tau": tau, "batch_size": batch_size,
+    given: dict[str, Any] = {"k": k, "objective": objective, "steps": steps, "lr": lr, "tau": tau, "batch_size": batch_size,
              "max_pairs": max_pairs, "seed": seed}
     cfg = RouterTrainConfig(finetune_encoder=finetune_encoder, **{n: v for n, v in given.items() if v is not None})
     eng = _engine(home, base)
