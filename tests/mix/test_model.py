@@ -135,3 +135,31 @@ def test_bad_mixture_batch_is_an_error(tiny_base: BaseModel) -> None:
     mm.set_mixture([[("a", 1.0)]] * 2)
     with pytest.raises(MixError, match="rows"):
         mm.model(input_ids=inputs(tiny_base, rows=3))
+
+
+def test_prepared_batches_pin_their_slots_and_forward_explicitly(tiny_base: BaseModel) -> None:
+    adapters = {f"x{i}": random_lora(tiny_base, seed=i) for i in range(3)}
+    mm = make_mixer(tiny_base, adapters, capacity=2)
+    ids = inputs(tiny_base, rows=1)
+    ref = mm.logits(ids, rows=[[("x0", 1.0)]])
+    b0 = mm.prepare([[("x0", 1.0)]])
+    b1 = mm.prepare([[("x1", 1.0)]])
+    assert not mm.fits(["x2"]) and mm.fits(["x0", "x1"])
+    with pytest.raises(MixError, match="slots"):
+        mm.prepare([[("x2", 1.0)]])  # both slots pinned by live batches: refused, nothing evicted
+    with torch.inference_mode():
+        got = mm.forward(b0, input_ids=ids).logits
+        assert torch.equal(got, ref)
+        assert mm._state.batch is None  # the batch is in force for that call only
+        plain = mm.model(input_ids=ids).logits
+    assert not torch.allclose(plain, got, atol=1e-4)
+    mm.release(b0)
+    mm.release(b0)  # idempotent
+    assert mm.fits(["x2"])
+    b2 = mm.prepare([[("x2", 1.0)]])  # evicts x0, the unpinned one
+    assert set(mm.loaded) == {"x1", "x2"} and mm.stats()["evictions"] == 1
+    with pytest.raises(MixError, match="released"):
+        mm.forward(b0, input_ids=ids)
+    mm.release(b1)
+    mm.release(b2)
+    assert mm.stats()["pinned"] == 0

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -11,12 +11,34 @@ from loramix.errors import MixError
 from loramix.mix.ops import mixed_lora
 
 
+@dataclass(eq=False)
+class MixBatch:
+    """One batch's per-row adapter metadata, built once per batch composition by
+    :meth:`MixedModel.prepare` and handed to :meth:`MixedModel.forward` for every step that uses it.
+
+    ``idx`` and ``w`` address slots; the slots they name stay pinned (never evicted or rewritten)
+    until :meth:`MixedModel.release`. ``cache`` is for per-layer tensors derived from this batch
+    (e.g. each layer's gathered adapters), valid for as long as the batch lives.
+    """
+
+    rows: tuple[tuple[tuple[str, float], ...], ...]  # per row: (adapter id, weight) pairs as given
+    ids: tuple[str, ...]  # distinct adapter ids used (weight != 0), pinned while the batch lives
+    idx: torch.Tensor | None  # (B, k) slot numbers; None when no row uses an adapter
+    w: torch.Tensor | None  # (B, k) weights; 0 for padding
+    cache: dict[int, object] = field(default_factory=dict)  # id(layer) -> derived tensors
+    released: bool = False
+
+    @property
+    def n_rows(self) -> int:
+        return len(self.rows)
+
+
 @dataclass
 class MixState:
-    """The batch's routing, shared by every injected layer of one model."""
+    """The batch in flight: set by :meth:`MixedModel.forward` for the length of one call, read by
+    every injected layer of that model, and cleared afterwards."""
 
-    idx: torch.Tensor | None = None  # (B, k) slot numbers
-    w: torch.Tensor | None = None  # (B, k) weights; 0 for padding
+    batch: MixBatch | None = None
 
 
 class MixedLoraLinear(nn.Module):
@@ -67,10 +89,10 @@ class MixedLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (B, T, n_out)
-        idx, w = self.state.idx, self.state.w
-        if idx is None or w is None:
+        batch = self.state.batch
+        if batch is None or batch.idx is None or batch.w is None:
             return y
-        if x.dim() != 3 or x.shape[0] != idx.shape[0]:
-            raise MixError(f"input has shape {tuple(x.shape)} but the mixture was set for {idx.shape[0]} rows; "
+        if x.dim() != 3 or x.shape[0] != batch.idx.shape[0]:
+            raise MixError(f"input has shape {tuple(x.shape)} but the mixture was set for {batch.idx.shape[0]} rows; "
                            "expected (rows, tokens, features)")
-        return y + mixed_lora(x, self.lora_A, self.lora_B, idx, w).to(y.dtype)  # (B, T, n_out)
+        return y + mixed_lora(x, self.lora_A, self.lora_B, batch.idx, batch.w).to(y.dtype)  # (B, T, n_out)

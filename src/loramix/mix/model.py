@@ -8,8 +8,10 @@ adapter targets carry the mixing cost.
 from __future__ import annotations
 
 import contextlib
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from loramix.base import BaseModel, maybe_autocast
 from loramix.config import MixConfig
 from loramix.errors import MixError
 from loramix.lora import LoraWeights
-from loramix.mix.layers import MixedLoraLinear, MixState
+from loramix.mix.layers import MixBatch, MixedLoraLinear, MixState
 
 Mixture = Sequence[tuple[str, float]]  # (adapter id, weight) pairs for one row
 
@@ -38,7 +40,12 @@ class MixedModel:
         self._n_slots = min(self.cfg.capacity, 8)  # allocated slots; grows up to cfg.capacity
         self._rank = self.cfg.max_rank
         self._modules = dict(self.model.named_modules())
+        self._pins: Counter[str] = Counter()  # adapter id -> live batches using it (never evicted while > 0)
+        self._legacy: MixBatch | None = None  # the batch set by set_mixture / mixture()
         self.loads = 0  # adapters loaded from the library so far (for tests and metrics)
+        self.hits = 0  # adapters asked for that were already in a slot
+        self.evictions = 0  # adapters pushed out of a slot to make room
+        self.load_seconds = 0.0  # time spent reading adapters and writing their slots
 
     # --- slots -----------------------------------------------------------------------------------
     @property
@@ -65,6 +72,7 @@ class MixedModel:
             layer.resize(slots, rank)
 
     def _load(self, adapter_id: str, slot: int) -> None:
+        t0 = time.perf_counter()
         weights = self._loader(adapter_id)
         if weights.rank > self._rank:
             self._grow(self._n_slots, weights.rank)
@@ -74,16 +82,24 @@ class MixedModel:
             a, b = weights.layers.get(path, (None, None))
             layer.write_slot(slot, a, b, scale=weights.scale)
         self.loads += 1
+        self.load_seconds += time.perf_counter() - t0
+
+    def fits(self, ids: Sequence[str]) -> bool:
+        """Whether a batch using ``ids`` could be prepared now, next to the batches alive (their slots
+        are pinned). A scheduler admits a request only when this holds, instead of failing it."""
+        return len(set(self._pins) | set(ids)) <= self.cfg.capacity
 
     def _acquire(self, ids: list[str]) -> dict[str, int]:
-        """Slots for these ids, loading missing ones and evicting least recently used others."""
-        if len(ids) > self.cfg.capacity:
-            raise MixError(f"the batch uses {len(ids)} distinct adapters but the mixer has {self.cfg.capacity} "
-                           "slots; raise MixConfig.capacity or split the batch")
-        wanted = set(ids)
+        """Slots for these ids, loading missing ones and evicting least recently used unpinned others."""
+        if not self.fits(ids):
+            raise MixError(f"the batch uses {len(set(ids) | set(self._pins))} distinct adapters (counting the "
+                           f"batches in flight) but the mixer has {self.cfg.capacity} slots; raise "
+                           "MixConfig.capacity or split the batch")
+        wanted = set(ids) | set(self._pins)
         for aid in ids:
             if aid in self._slot_of:
                 self._slot_of.move_to_end(aid)
+                self.hits += 1
         for aid in ids:
             if aid in self._slot_of:
                 continue
@@ -95,34 +111,80 @@ class MixedModel:
             if free is None:
                 victim = next(v for v in self._slot_of if v not in wanted)
                 free = self._slot_of.pop(victim)
+                self.evictions += 1
             self._load(aid, free)
             self._slot_of[aid] = free
         return {aid: self._slot_of[aid] for aid in ids}
 
     def evict(self, adapter_id: str) -> None:
-        """Forget a loaded adapter (e.g. after it was removed from the library)."""
-        self._slot_of.pop(adapter_id, None)
+        """Forget a loaded adapter (e.g. after it was removed from the library); a pinned one is
+        forgotten once its batches are released."""
+        if not self._pins.get(adapter_id):
+            self._slot_of.pop(adapter_id, None)
 
-    # --- routing state ---------------------------------------------------------------------------
-    def set_mixture(self, rows: Sequence[Mixture]) -> None:
-        """Give every batch row its mixture; an empty mixture means the base model for that row."""
-        ids = list(dict.fromkeys(aid for row in rows for aid, w in row if w != 0.0))
+    def stats(self) -> dict[str, Any]:
+        """Slot counters for metrics."""
+        return {"loaded": len(self._slot_of), "pinned": len(self._pins), "capacity": self.cfg.capacity,
+                "hits": self.hits, "misses": self.loads, "evictions": self.evictions,
+                "load_seconds": self.load_seconds}
+
+    # --- batches ---------------------------------------------------------------------------------
+    def prepare(self, rows: Sequence[Mixture]) -> MixBatch:
+        """Build a batch's per-row adapter metadata once: load its adapters into slots and pin them.
+
+        Each row is a list of (adapter id, weight); an empty row is the base model. Pass the result
+        to :meth:`forward` for every step with this batch composition, then :meth:`release` it.
+        """
+        frozen = tuple(tuple((str(aid), float(w)) for aid, w in row) for row in rows)
+        ids = list(dict.fromkeys(aid for row in frozen for aid, w in row if w != 0.0))
         if not ids:
-            self.clear()
-            return
+            return MixBatch(rows=frozen, ids=(), idx=None, w=None)
         slots = self._acquire(ids)
-        k = max(len(row) for row in rows)
-        idx = torch.zeros(len(rows), k, dtype=torch.long)  # (B, k)
-        w = torch.zeros(len(rows), k, dtype=torch.float32)  # (B, k)
-        for i, row in enumerate(rows):
+        k = max(len(row) for row in frozen)
+        idx = torch.zeros(len(frozen), k, dtype=torch.long)  # (B, k)
+        w = torch.zeros(len(frozen), k, dtype=torch.float32)  # (B, k)
+        for i, row in enumerate(frozen):
             for j, (aid, weight) in enumerate(row):
                 if weight != 0.0:
-                    idx[i, j], w[i, j] = slots[aid], float(weight)
+                    idx[i, j], w[i, j] = slots[aid], weight
         device = next(self.model.parameters()).device
-        self._state.idx, self._state.w = idx.to(device), w.to(device)
+        self._pins.update(ids)
+        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device))
+
+    def release(self, batch: MixBatch) -> None:
+        """Unpin a batch's adapters (idempotent); they stay loaded until evicted."""
+        if batch.released:
+            return
+        batch.released = True
+        batch.cache.clear()
+        self._pins.subtract(batch.ids)
+        for aid in batch.ids:
+            if self._pins[aid] <= 0:
+                del self._pins[aid]
+
+    def forward(self, batch: MixBatch, **model_kwargs: Any) -> Any:
+        """One call of the base model (``input_ids``, ``attention_mask``, ``past_key_values``, ...) with
+        each row applying its mixture from ``batch``. Returns what the model returns."""
+        if batch.released:
+            raise MixError("this batch was released; prepare a new one")
+        saved, self._state.batch = self._state.batch, batch
+        try:
+            return self.model(**model_kwargs)
+        finally:
+            self._state.batch = saved
+
+    # --- a current mixture, for code that calls the model itself (transformers' generate) ----------
+    def set_mixture(self, rows: Sequence[Mixture]) -> None:
+        """Make ``rows`` the mixture of every model call until :meth:`clear` (an empty row = base)."""
+        self.clear()
+        self._legacy = self.prepare(rows)
+        self._state.batch = self._legacy
 
     def clear(self) -> None:
-        self._state.idx = self._state.w = None
+        if self._legacy is not None:
+            self.release(self._legacy)
+            self._legacy = None
+        self._state.batch = None
 
     @contextlib.contextmanager
     def mixture(self, rows: Sequence[Mixture]) -> Iterator[MixedModel]:
@@ -148,6 +210,7 @@ class MixedModel:
         for path, layer in self._layers.items():
             parent_path, _, child = path.rpartition(".")
             setattr(self._modules[parent_path] if parent_path else self.model, child, layer.base_layer)
+        self.clear()
         self._layers.clear()
         self._slot_of.clear()
-        self.clear()
+        self._pins.clear()
