@@ -17,7 +17,7 @@ from loramix.base import load_base
 from loramix.lora import LoraWeights
 from loramix.store import Library
 
-TABLES = ("adapters", "keys", "examples", "events", "tags")
+TABLES = ("adapters", "keys", "examples", "events", "tags", "pack_entries")
 
 
 @pytest.fixture(scope="session")

@@ -182,7 +182,7 @@ def test_schema(lib):
     conn = sqlite3.connect(lib.db_path)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(adapters)")]
     assert cols == ["id", "name", "description", "domain_tags", "skill_tags", "rank", "alpha", "target_modules",
-                    "n_params", "created", "use_count", "blob", "meta"]
+                    "n_params", "created", "use_count", "blob", "meta", "kind"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(keys)")] == ["adapter_id", "dim", "vec"]
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -221,7 +221,8 @@ def test_open_is_cheap_with_many_rows(tmp_path, monkeypatch):
     rows = [(f"{i:016x}"[::-1], f"name{i}", "", "[]", "[]", 4, 8.0, "[]", 10, 0.0, 0, "0" * 64, "{}")
             for i in range(100_000)]
     with conn:
-        conn.executemany("INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.executemany("INSERT INTO adapters (id, name, description, domain_tags, skill_tags, rank, alpha, "
+                         "target_modules, n_params, created, use_count, blob, meta) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
     conn.close()
 
     def forbidden(*a, **k):

@@ -4,8 +4,9 @@
 """
 
 from loramix.store.blobs import BlobStore
+from loramix.store.bulk import NewAdapter
 from loramix.store.peft_io import read_blob, read_peft_dir, validate_weights, write_peft_dir
 from loramix.store.records import AdapterRecord
 from loramix.store.registry import Library
 
-__all__ = ["AdapterRecord", "BlobStore", "Library", "read_blob", "read_peft_dir", "validate_weights", "write_peft_dir"]
+__all__ = ["AdapterRecord", "BlobStore", "Library", "NewAdapter", "read_blob", "read_peft_dir", "validate_weights", "write_peft_dir"]

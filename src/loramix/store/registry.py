@@ -26,6 +26,7 @@ from loramix.config import home_dir
 from loramix.errors import AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError
 from loramix.lora import LoraWeights
 from loramix.store.blobs import BlobStore
+from loramix.store.bulk import NewAdapter, ScaleMixin
 from loramix.store.peft_io import (
     blob_bytes,
     human_bytes,
@@ -71,14 +72,14 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS tags_adapter ON tags(adapter_id)",
 )
 _COLS = ("a.id, a.name, a.description, a.domain_tags, a.skill_tags, a.rank, a.alpha, a.target_modules, "
-         "a.n_params, a.created, a.use_count, a.blob, a.meta, "
+         "a.n_params, a.created, a.use_count, a.blob, a.meta, a.kind, "
          "EXISTS (SELECT 1 FROM keys k WHERE k.adapter_id = a.id) AS has_key")
 _CHUNK = 500  # ids per IN (...) query
 
 Ref: TypeAlias = "str | AdapterRecord"  # an adapter name, id, or its record
 
 
-class Library:
+class Library(ScaleMixin):
     """A store of LoRA adapters for one base model. Safe to share between threads."""
 
     def __init__(self, home: Path | str | None = None, base_shapes: Mapping[str, tuple[int, int]] | None = None,
@@ -103,6 +104,7 @@ class Library:
         self._conn.execute("PRAGMA synchronous = NORMAL")
         self._conn.execute("PRAGMA foreign_keys = ON")
         self._init_schema()
+        self._init_scale()  # adapters.kind, pack entries, generation counter (store/bulk.py)
 
     def _init_schema(self) -> None:
         version = self._conn.execute("PRAGMA user_version").fetchone()[0]
@@ -119,6 +121,7 @@ class Library:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+            self.packs.close()
 
     def __enter__(self) -> Library:
         return self
@@ -202,6 +205,9 @@ class Library:
                     meta: dict[str, Any] | None = None, key: np.ndarray | None = None) -> AdapterRecord:
         """Store in-memory weights (validated like an import) under a new name."""
         self._check_new_name(name)
+        if getattr(weights, "kind", None) == "nano":  # nano adapters live in pack files (store/bulk.py)
+            item = NewAdapter(name, weights, description, list(domain_tags), list(skill_tags), examples, meta, key)
+            return self.get(self.add_many([item])[0])
         if not isinstance(weights, LoraWeights):
             raise InvalidAdapter(f"weights is a {type(weights).__name__}; expected a loramix.lora.LoraWeights")
         validate_weights(weights, self.base_shapes)
@@ -312,6 +318,9 @@ class Library:
     def load(self, name_or_id: Ref, verify: bool = False) -> LoraWeights:
         """The adapter's weights, read from its blob with safetensors; ``verify`` re-checks the sha256."""
         rec = self.get(name_or_id)
+        packed = self._load_any(rec, verify)  # packed or nano adapters (store/bulk.py)
+        if packed is not None:
+            return packed
         path = self.blobs.path(rec.blob)
         if not path.is_file():
             raise LibraryError(f"blob {rec.blob} of adapter {rec.name!r} is missing ({path}); the library is damaged "
