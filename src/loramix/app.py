@@ -236,7 +236,14 @@ class Loramix:
         if name in self.library:
             raise ConfigError(f"an adapter named {name!r} already exists; remove it or pick another name")
         cfg = cfg or TrainConfig()
-        weights, report = train_expert(str(self.base_path()), texts, cfg, progress=progress, description=name)
+        weights: Any
+        if cfg.kind == "nano":
+            from loramix.train.nano import train_nano
+
+            weights, report, _ = train_nano(str(self.base_path()), texts, cfg, bases=self.library.bases,
+                                            progress=progress, description=name)
+        else:
+            weights, report = train_expert(str(self.base_path()), texts, cfg, progress=progress, description=name)
         rng = np.random.default_rng(cfg.seed)
         pick = rng.choice(len(texts), size=min(256, len(texts)), replace=False)
         examples = [texts[int(i)][:1000] for i in pick]

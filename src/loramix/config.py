@@ -87,6 +87,7 @@ class GenerateConfig:
 class TrainConfig:
     """Training an expert adapter."""
 
+    kind: str = "lora"  # "lora" (PEFT LoRA) or "nano" (r x r cores over the base's SVD basis, loramix.nano)
     rank: int = 8
     alpha: float = 16.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "gate_proj"])
@@ -102,6 +103,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.rank < 1:
             raise ConfigError(f"rank must be at least 1, got {self.rank}")
+        if self.kind not in ("lora", "nano"):
+            raise ConfigError(f"unknown adapter kind {self.kind!r}; expected 'lora' or 'nano'")
         if not 0.0 <= self.layers_from < 1.0:
             raise ConfigError(f"layers_from must be in [0, 1), got {self.layers_from}")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:

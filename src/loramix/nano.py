@@ -31,11 +31,16 @@ KINDS = (LORA_KIND, NANO_KIND)
 _SAMPLE = 4096  # weight values per layer hashed into the base fingerprint
 
 
-def base_fingerprint(model: nn.Module, paths: list[str] | None = None) -> str:
+def linear_paths(model: nn.Module) -> list[str]:
+    """The paths of the base's linear layers a nano adapter may adapt (all but ``lm_head``)."""
+    return sorted(p for p, m in model.named_modules() if isinstance(m, nn.Linear) and not p.endswith("lm_head"))
+
+
+def base_fingerprint(model: nn.Module) -> str:
     """A short id of a base model's linear weights: paths, shapes and a strided sample of each weight."""
     mods = dict(model.named_modules())
     h = hashlib.blake2b(digest_size=8)
-    for path in sorted(paths if paths is not None else [p for p, m in mods.items() if isinstance(m, nn.Linear)]):
+    for path in linear_paths(model):
         w = mods[path].weight.detach()
         flat = w.reshape(-1)
         step = max(1, flat.numel() // _SAMPLE)
@@ -72,8 +77,7 @@ class NanoBasis:
 def compute_basis(model: nn.Module, rank: int, paths: list[str] | None = None) -> NanoBasis:
     """Truncated SVD of every (or each given) linear layer's weight: the rank-``rank`` basis."""
     mods = dict(model.named_modules())
-    linear = [p for p, m in mods.items() if isinstance(m, nn.Linear) and not p.endswith("lm_head")]
-    chosen = sorted(paths if paths is not None else linear)
+    chosen = sorted(paths if paths is not None else linear_paths(model))
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path in chosen:
         w = mods[path].weight.detach().float().cpu()  # (n_out, n_in)
@@ -82,7 +86,7 @@ def compute_basis(model: nn.Module, rank: int, paths: list[str] | None = None) -
                                  f"of at most {min(w.shape)}")
         u, _s, vh = torch.linalg.svd(w, full_matrices=False)  # (n_out, m), (m,), (m, n_in)
         layers[path] = (u[:, :rank].contiguous(), vh[:rank].contiguous())  # (n_out, r), (r, n_in)
-    return NanoBasis(rank=rank, base_id=base_fingerprint(model, linear), layers=layers)
+    return NanoBasis(rank=rank, base_id=base_fingerprint(model), layers=layers)
 
 
 @dataclass
