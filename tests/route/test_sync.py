@@ -6,6 +6,7 @@ import numpy as np
 
 from loramix.config import RouteConfig
 from loramix.route import KeyIndex, Router
+from loramix.route.ann import AnnIndex
 from loramix.store import Library
 from tests.route.routedata import COOKING, CountingEncoder, add
 
@@ -25,13 +26,13 @@ def test_reopening_adding_and_removing_is_incremental(lib: Library, encoder) -> 
     new = add(lib, "woodwork", "Carpentry and woodworking", ["crafts"], new_examples)
     route = reopened.route("What wood is best for carving a spoon?", RouteConfig(k=1))
     assert [a.name for a in route.adapters] == ["woodwork"]
-    assert reopened.index.ntotal == 4 and KeyIndex(lib.meta_path("index")).ntotal == 4
+    assert reopened.index.ntotal == 4 and AnnIndex(lib.meta_path("index")).ntotal == 4
     assert again.texts == [*new_examples, "What wood is best for carving a spoon?"]  # only the new adapter
 
     lib.remove("cooking")
     route = reopened.route(COOKING[0], RouteConfig(k=4))
     assert "cooking" not in [a.name for a in route.adapters] and len(route.adapters) == 3
-    assert reopened.index.ntotal == 3 and KeyIndex(lib.meta_path("index")).ntotal == 3
+    assert reopened.index.ntotal == 3 and AnnIndex(lib.meta_path("index")).ntotal == 3
     assert new.id in reopened.index
 
 

@@ -20,6 +20,8 @@ import numpy as np
 
 from loramix.config import RouteConfig
 from loramix.errors import ConfigError, RoutingError
+from loramix.route.ann import AnnIndex
+from loramix.route.cache import RouteCache, cache_key
 from loramix.route.encoder import Encoder, get_encoder
 from loramix.route.index import KeyIndex, SyncReport
 from loramix.route.lexical import BM25, normalize_word, tokenize
@@ -72,6 +74,9 @@ class Route:
     adapters: list[RoutedAdapter] = field(default_factory=list)
     latency_ms: float = 0.0
     strategy: str = "semantic"
+    encode_ms: float = 0.0  # embedding the query (0 when answered from the cache)
+    search_ms: float = 0.0  # the strategy's search over the keys (0 when answered from the cache)
+    cached: bool = False  # answered from the routing cache
 
     @property
     def mixture(self) -> list[tuple[str, float]]:
@@ -84,6 +89,9 @@ class Route:
                 {"name": a.name, "id": a.id, "score": a.score, "weight": a.weight} for a in self.adapters
             ],
             "latency_ms": self.latency_ms,
+            "encode_ms": self.encode_ms,
+            "search_ms": self.search_ms,
+            "cached": self.cached,
             "strategy": self.strategy,
         }
 
@@ -129,6 +137,7 @@ class Router:
         auto_key: bool = True,
         check_interval: float | None = 0.0,
         max_examples: int = 256,
+        cache_size: int = 4096,
     ) -> None:
         self.lib = lib
         self._encoder = encoder
@@ -136,10 +145,14 @@ class Router:
         self.check_interval = check_interval
         self.max_examples = max_examples
         self._lock = threading.RLock()
-        self.index = KeyIndex(lib.meta_path("index"))
+        # a Library (with a generation counter) gets the scalable index; other stores the flat one
+        self.index: Any = (AnnIndex(lib.meta_path("index")) if hasattr(lib, "generation")
+                           else KeyIndex(lib.meta_path("index")))
+        self.cache = RouteCache(cache_size)  # query + options -> routes, invalidated by any library change
         self._meta: dict[str, _Meta] = {}
         self._bm25: BM25 | None = None
         self._last_check = 0.0
+        self.index_generation: int | None = None
         self.last_sync: SyncReport = self.sync(verify=True)
 
     @property
@@ -166,12 +179,18 @@ class Router:
                     self._bm25.add(a, self._doc_text(a))
             self._last_check = time.monotonic()
             self.last_sync = report
+            self.index_generation = getattr(self.lib, "generation", None)
             return report
 
     def _maybe_sync(self) -> None:
         if self.check_interval is None or time.monotonic() - self._last_check < self.check_interval:
             return
         with self._lock:
+            gen = getattr(self.lib, "generation", None)
+            if gen is not None and gen == self.index_generation:
+                self._last_check = time.monotonic()
+                return  # nothing changed in the library since the last sync (any process)
+            self.index_generation = gen
             if set(self.lib.ids()) != set(self._meta):
                 self.sync()
             self._last_check = time.monotonic()
@@ -310,10 +329,20 @@ class Router:
             return []
         t0 = time.perf_counter()
         self._maybe_sync()
+        gen = getattr(self.lib, "generation", None)
+        keys = [cache_key(q, cfg) for q in queries]
+        hits = self.cache.get_many(keys, (gen, self.index.generation)) if gen is not None else [None] * len(keys)
+        todo = [i for i, h in enumerate(hits) if h is None]
+        if not todo:
+            ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
+            return [Route(list(h.adapters), ms, h.strategy, cached=True) for h in hits if h is not None]
         if self.index.ntotal == 0:
             raise RoutingError(EMPTY_MESSAGE)
-        qvecs = self.encoder.encode(list(queries))
+        t_enc = time.perf_counter()
+        qvecs = self.encoder.encode([queries[i] for i in todo])
+        encode_ms = (time.perf_counter() - t_enc) * 1000.0 / len(todo)
         with self._lock:
+            t_search = time.perf_counter()
             if self.index.ntotal == 0:
                 raise RoutingError(EMPTY_MESSAGE)
             allowed = self.allowed_ids(cfg.tags)
@@ -326,11 +355,13 @@ class Router:
                     f"the encoder {self.encoder.name} gives {qvecs.shape[1]}-dim vectors but the routing keys have "
                     f"dim {self.index.dim}; recompute them with Router.compute_keys()"
                 )
-            ranked = fn(self, list(queries), qvecs, cfg, allowed)
+            ranked = fn(self, [queries[i] for i in todo], qvecs, cfg, allowed)
             names = {a: self.name_of(a) for cands in ranked for a, _ in cands[: cfg.k]}
+            search_ms = (time.perf_counter() - t_search) * 1000.0 / len(todo)
         per_query_ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
-        routes = []
-        for cands in ranked:
+        routes: list[Route | None] = [None if h is None else Route(list(h.adapters), per_query_ms, h.strategy, cached=True)
+                                      for h in hits]
+        for i, cands in zip(todo, ranked, strict=True):
             if cfg.min_score is not None:
                 cands = [(a, s) for a, s in cands if s >= cfg.min_score]
             cands = cands[: cfg.k]
@@ -339,5 +370,7 @@ class Router:
                 RoutedAdapter(a, names.get(a, a), float(s), float(w))
                 for (a, s), w in zip(cands, weights, strict=True)
             ]
-            routes.append(Route(adapters, per_query_ms, cfg.strategy))
-        return routes
+            routes[i] = Route(adapters, per_query_ms, cfg.strategy, encode_ms=encode_ms, search_ms=search_ms)
+            if gen is not None:
+                self.cache.put(keys[i], (gen, self.index.generation), routes[i])
+        return [r for r in routes if r is not None]
