@@ -93,11 +93,13 @@ def _read_examples(path: Path) -> list[str]:
 
 
 @adapters_app.command("list")
-def adapters_list(home: Home = None, tags: Tags = "", as_json: Json = False) -> None:
-    """List the adapters in the library."""
+def adapters_list(home: Home = None, tags: Tags = "", as_json: Json = False,
+                  limit: Annotated[int, typer.Option("--limit", help="At most this many (0: all).")] = 100,
+                  offset: Annotated[int, typer.Option("--offset", help="Skip this many first.")] = 0) -> None:
+    """List the adapters in the library (a page of --limit at a time)."""
     from loramix.store import Library
 
-    recs = Library(home).list(tags=_csv(tags) or None)
+    recs = Library(home).list(tags=_csv(tags) or None, limit=limit or None, offset=offset)
     if as_json:
         _print_json([r.to_dict() for r in recs])
         return
@@ -371,6 +373,11 @@ def quickstart(home: Home = None, base: Base = None,
     res = run_quickstart(home=home, base=base, steps=steps, quiet=as_json)
     if as_json:
         _print_json(res)
+
+
+from loramix.cli_scale import register as _register_scale  # noqa: E402  (import, compact, dedupe, prune, stats)
+
+_register_scale(app, adapters_app)
 
 
 def main() -> None:

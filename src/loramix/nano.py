@@ -126,11 +126,13 @@ class NanoWeights:
                 shape = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
                 raise InvalidAdapter(f"nano core of {path} is {shape}; expected a floating-point "
                                      f"({self.rank}, {self.rank}) matrix")
-            if not bool(torch.isfinite(m).all()):
-                raise InvalidAdapter(f"nano core of {path} holds NaN or infinite values; expected finite numbers")
             if basis is not None and path not in basis.layers:
                 raise InvalidAdapter(f"nano core targets {path}, which the basis {basis.id} lacks; expected one of "
                                      f"its {len(basis.layers)} layers")
+
+        if not bool(torch.isfinite(torch.stack([m.float() for m in self.cores.values()])).all()):  # one check
+            bad = next(p for p, m in self.cores.items() if not bool(torch.isfinite(m).all()))
+            raise InvalidAdapter(f"nano core of {bad} holds NaN or infinite values; expected finite numbers")
 
     def to_lora(self, basis: NanoBasis) -> LoraWeights:
         """The equal LoRA: ``A = Vh_r``, ``B = U_r @ M``, ``alpha = r`` (scale 1); same delta, PEFT-loadable."""

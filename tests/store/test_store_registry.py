@@ -182,7 +182,7 @@ def test_schema(lib):
     conn = sqlite3.connect(lib.db_path)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(adapters)")]
     assert cols == ["id", "name", "description", "domain_tags", "skill_tags", "rank", "alpha", "target_modules",
-                    "n_params", "created", "use_count", "blob", "meta", "kind"]
+                    "n_params", "created", "use_count", "blob", "meta", "kind", "last_used"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(keys)")] == ["adapter_id", "dim", "vec"]
     assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

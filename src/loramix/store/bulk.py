@@ -46,6 +46,9 @@ SCALE_SCHEMA = (
                           ("adapters_upd", "UPDATE OF name, description, domain_tags, skill_tags, meta ON adapters"),
                           ("keys_ins", "INSERT ON keys"), ("keys_upd", "UPDATE ON keys"),
                           ("keys_del", "DELETE ON keys"))),
+    # when an adapter was last used (for prune): stamped whenever use_count changes
+    """CREATE TRIGGER IF NOT EXISTS stamp_last_used AFTER UPDATE OF use_count ON adapters BEGIN
+          UPDATE adapters SET last_used = (julianday('now') - 2440587.5) * 86400.0 WHERE id = NEW.id; END""",
 )
 BULK_BATCH = 5000  # adapters per transaction in add_many
 
@@ -102,11 +105,14 @@ class ScaleMixin:
         self.packs = PackStore(self.home / "packs")
         self.bases = BasisStore(self.home / "meta" / "nano")
         cols = {r[1] for r in self._conn.execute("PRAGMA table_info(adapters)")}
-        if "kind" in cols and self._conn.execute("PRAGMA table_info(library_state)").fetchone() is not None:
+        if {"kind", "last_used"} <= cols and self._conn.execute("PRAGMA table_info(library_state)").fetchone():
             return  # all of SCALE_SCHEMA is created in the one transaction below (only PRAGMAs at open)
         with self._write() as c:
-            if "kind" not in {r[1] for r in c.execute("PRAGMA table_info(adapters)")}:
+            have = {r[1] for r in c.execute("PRAGMA table_info(adapters)")}
+            if "kind" not in have:
                 c.execute("ALTER TABLE adapters ADD COLUMN kind TEXT NOT NULL DEFAULT 'lora'")
+            if "last_used" not in have:
+                c.execute("ALTER TABLE adapters ADD COLUMN last_used REAL")
             for stmt in SCALE_SCHEMA:
                 c.execute(stmt)
 
