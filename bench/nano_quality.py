@@ -19,6 +19,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     lib = Library(args.out / "library")
     common = dict(rank=args.rank, steps=args.steps, seq_len=args.seq_len)
     per: dict[str, dict] = {}
+    base = load_base(args.base)
+    mm = MixedModel(base, lib.load, MixConfig(capacity=4))
+    rows: list[tuple[str, dict]] = []
     for d in domains:
         texts = [doc.text for doc in train[d]]
         for kind, lrs in (("lora", [args.lora_lr]), ("nano", [float(x) for x in args.nano_lrs.split(",")])):
@@ -81,39 +85,40 @@ def main(argv: list[str] | None = None) -> int:
                     "eval_loss_after": best[1].eval_loss_after, "seconds": best[1].seconds}
             lib.add_weights(best[0], name, domain_tags=[d], meta={"train": info})
             per.setdefault(d, {})[kind] = info
-    base = load_base(args.base)
-    torch.set_grad_enabled(False)
-    mm = MixedModel(base, lib.load, MixConfig(capacity=4))
-    rows = []
-    for d in domains:
-        texts = [doc.text for doc in test[d]]
+        tests = [doc.text for doc in test[d]]
         res = {}
-        for setting in ("base", "lora", "nano"):
-            mix = [] if setting == "base" else [(lib.get(f"{d}-{setting}").id, 1.0)]
-            res[setting] = float(np.mean([s.loss for s in score_texts(mm, texts, [mix] * len(texts))]))
+        with torch.no_grad():
+            for setting in ("base", "lora", "nano"):
+                mix = [] if setting == "base" else [(lib.get(f"{d}-{setting}").id, 1.0)]
+                res[setting] = float(np.mean([s.loss for s in score_texts(mm, tests, [mix] * len(tests))]))
         res["lora_reduction"] = res["base"] - res["lora"]
         res["nano_reduction"] = res["base"] - res["nano"]
         res["kept"] = res["nano_reduction"] / res["lora_reduction"] if res["lora_reduction"] > 0 else None
         rows.append((d, res))
         print(f"{d:10s} base {res['base']:.3f}  lora {res['lora']:.3f}  nano {res['nano']:.3f}  kept "
               f"{res['kept'] if res['kept'] is None else round(res['kept'], 3)}", flush=True)
+        summarize(args, argv, domains, rows, per, lib, t_start, final=d == domains[-1])
+    return 0
+
+
+def summarize(args: argparse.Namespace, argv: list[str] | None, domains: list[str], rows: list[tuple[str, dict]],
+              per: dict[str, dict], lib: Any, t_start: float, final: bool) -> None:
     lora_red = float(np.mean([r["lora_reduction"] for _, r in rows]))
     nano_red = float(np.mean([r["nano_reduction"] for _, r in rows]))
     lora_rec, nano_rec = lib.get(f"{domains[0]}-lora"), lib.get(f"{domains[0]}-nano")
     size = nano_rec.n_params / lora_rec.n_params
     kept = nano_red / lora_red if lora_red > 0 else None
-    out = {"bench": "nano_quality", "domains": domains, "steps": args.steps, "train_per_domain": args.train_per_domain,
+    out = {"bench": "nano_quality", "complete": final, "domains_done": [d for d, _ in rows], "domains": domains, "steps": args.steps, "train_per_domain": args.train_per_domain,
            "test_per_domain": args.test_per_domain, "rank": args.rank, "lora_params": lora_rec.n_params,
            "nano_params": nano_rec.n_params, "size_ratio": round(size, 5),
            "lora_reduction": round(lora_red, 4), "nano_reduction": round(nano_red, 4),
            "kept": None if kept is None else round(kept, 4),
-           "gate": bool(kept is not None and kept >= 0.8 and size < 0.01),
+           "gate": bool(final and len(rows) >= 6 and kept is not None and kept >= 0.8 and size < 0.01),
            "per_domain": {d: {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for d, r in rows},
            "train": per, "seconds": round(time.perf_counter() - t_start, 1),
            "command": "python bench/nano_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     (args.out / "nano_quality.json").write_text(json.dumps(out, indent=2))
-    print(json.dumps(out))
-    return 0
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ Heavy parts load lazily: routing never loads the base model, listing never loads
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -103,8 +104,29 @@ class Loramix:
         if self._mixer is None:
             from loramix.mix import MixedModel
 
-            self._mixer = MixedModel(self.base, self.library.load, self.mix_cfg)
+            from loramix.store.tiers import AdapterCache
+
+            self.tier = AdapterCache(self.library, self.mix_cfg.memory_bytes)  # slots <- memory <- packs
+            self._mixer = MixedModel(self.base, self.tier, self.mix_cfg)
         return self._mixer
+
+    def stats(self) -> dict[str, Any]:
+        """Live counters: slots (mixer), the in-memory adapter tier, the routing cache."""
+        out: dict[str, Any] = {"time": time.time()}
+        if self._mixer is not None:
+            out["slots"] = self._mixer.stats() | {"loaded_ids": len(self._mixer.loaded)}
+            out["memory_tier"] = self.tier.stats()
+        if self._router is not None:
+            out["route_cache"] = self._router.cache.stats()
+        return out
+
+    def write_stats(self) -> Path:
+        """Snapshot :meth:`stats` to ``meta/stats/engine.json`` (shown by ``loramix stats``)."""
+        path = self.library.meta_path("stats") / "engine.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stats(), default=str))
+        tmp.replace(path)
+        return path
 
     def base_path(self) -> Path:
         return resolve_base_path(self._base_arg)
@@ -130,6 +152,7 @@ class Loramix:
         self.library.remove(rec.id)
         if self._mixer is not None:
             self._mixer.evict(rec.id)
+            self.tier.forget(rec.id)
 
     def merge(self, names: Sequence[str], weights: Sequence[float], method: str, new_name: str,
               description: str = "", seed: int | None = 0, **kw: Any) -> AdapterRecord:

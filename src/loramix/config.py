@@ -60,6 +60,7 @@ class MixConfig:
     capacity: int = 64  # adapter slots kept loaded per layer (LRU beyond that)
     max_rank: int = 16  # slot rank; grows when a bigger adapter is loaded
     bf16: bool = False  # bf16 autocast; off by default because it is slower on many CPUs
+    memory_bytes: int = 256 << 20  # in-memory tier of loaded adapters between the slots and the library
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
