@@ -88,9 +88,9 @@ def real_passages(n_keys: int, n_queries: int, seed: int = 0) -> tuple[list[str]
 
 
 def cached_embeddings(texts: list[str], tag: str, encoder: Any) -> np.ndarray:
-    from loramix.config import cache_dir
-
     import hashlib
+
+    from loramix.config import cache_dir
 
     h = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
     path = cache_dir() / "scale" / f"{tag}-{len(texts)}-{h}.npy"

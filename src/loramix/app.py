@@ -103,7 +103,6 @@ class Loramix:
     def mixer(self) -> MixedModel:
         if self._mixer is None:
             from loramix.mix import MixedModel
-
             from loramix.store.tiers import AdapterCache
 
             self.tier = AdapterCache(self.library, self.mix_cfg.memory_bytes)  # slots <- memory <- packs

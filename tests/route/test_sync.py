@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from loramix.config import RouteConfig
-from loramix.route import KeyIndex, Router
+from loramix.route import Router
 from loramix.route.ann import AnnIndex
 from loramix.store import Library
 from tests.route.routedata import COOKING, CountingEncoder, add

@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 from loramix.cli import app
-from loramix.maintain import dedupe, library_stats, prune
+from loramix.maintain import dedupe, prune
 from loramix.route.ann import AnnIndex
 from loramix.store import Library, NewAdapter
 from loramix.store.peft_io import write_peft_dir

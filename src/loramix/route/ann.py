@@ -302,10 +302,7 @@ class AnnIndex:
             keyed = {r[0] for r in lib._read("SELECT adapter_id FROM keys")}
         have = set(self.ids())
         report.removed = self.remove([a for a in have if a not in keyed])
-        if verify:
-            wanted = sorted(keyed)
-        else:
-            wanted = sorted(a for a in keyed if a not in have)
+        wanted = sorted(keyed) if verify else sorted(a for a in keyed if a not in have)
         for i in range(0, len(wanted), 50_000):
             ids, mat = lib.keys(wanted[i:i + 50_000])
             if not ids:

@@ -52,7 +52,7 @@ class AdapterRecord:
                    rank=int(row["rank"]), alpha=float(row["alpha"]), target_modules=json.loads(row["target_modules"]),
                    n_params=int(row["n_params"]), created=float(row["created"]), use_count=int(row["use_count"]),
                    blob=row["blob"], has_key=bool(row["has_key"]), meta=json.loads(row["meta"]),
-                   kind=row["kind"] if "kind" in row.keys() else "lora")
+                   kind=row["kind"] if "kind" in row.keys() else "lora")  # noqa: SIM118 (Row: in = values)
 
 
 def check_name(name: object, what: str = "adapter name") -> str:
