@@ -206,7 +206,10 @@ def main(argv: list[str] | None = None) -> int:
 
         last = [time.perf_counter()]
 
-        def progress(done: int) -> None:
+        def progress(done: int) -> None:  # the build time so far survives a kill (resumed runs add to it)
+            prev = build_prev.get("add_s", 0.0)
+            (args.out / "build.json").write_text(json.dumps({**build_prev, "add_s": prev + time.perf_counter()
+                                                             - t_build}))
             if time.perf_counter() - last[0] > 30:
                 last[0] = time.perf_counter()
                 log(f"  {have + done}/{n} registered ({time.perf_counter() - t_build:.0f} s)")
@@ -233,16 +236,19 @@ def main(argv: list[str] | None = None) -> int:
     res["disk"] = lib.disk_bytes()
 
     # 4. search latency and recall@3 against exact search over the same keys
-    keys_mm = np.asarray(index._vecs)  # memmap of all indexed keys, in row order
     alive = index._alive
-    exact_top: list[set[int]] = []
-    for i in range(0, len(queries), 64):
-        s = np.zeros((min(64, len(queries) - i), len(keys_mm)), dtype=np.float32)
-        for j in range(0, len(keys_mm), 200_000):
-            s[:, j:j + 200_000] = queries[i:i + 64] @ np.asarray(keys_mm[j:j + 200_000]).T
-        s[:, ~alive] = -np.inf
-        for row in s:
-            exact_top.append({int(x) for x in np.argpartition(-row, 3)[:3]})
+    n_rows, vec_file = len(alive), index.folder / "ann_vecs.f32"  # type: ignore[operator]
+    # exact top-3 by brute force over the raw key file, read in chunks (file reads, not the index's
+    # memory map: the steady RSS below must not count pages only this check touched)
+    scores = np.full((len(queries), n_rows), -np.inf, dtype=np.float32)
+    with open(vec_file, "rb") as f:
+        for j in range(0, n_rows, 100_000):
+            m = min(100_000, n_rows - j)
+            chunk = np.frombuffer(f.read(m * DIM * 4), dtype=np.float32).reshape(m, DIM)
+            scores[:, j:j + m] = queries @ chunk.T
+    scores[:, ~alive] = -np.inf
+    exact_top = [{int(x) for x in np.argpartition(-row, 3)[:3]} for row in scores]
+    del scores
     lat: list[float] = []
     hits = 0
     rows_of = {}
@@ -280,9 +286,13 @@ def main(argv: list[str] | None = None) -> int:
     res["encode_p50_ms"] = round(pct(enc_lat, 50), 3)
 
     # 6. loads: cold (pack mmap -> tensors) and hot (in-memory tier)
-    all_ids = [f"{int(x):016x}" for x in index._keys[alive]]
+    live_u64 = index._keys[alive]
+
+    def aid(i: int) -> str:
+        return f"{int(live_u64[i]):016x}"
+
     rng = np.random.default_rng(1)
-    sample = [all_ids[i] for i in rng.choice(len(all_ids), 200, replace=False)]
+    sample = [aid(i) for i in rng.choice(len(live_u64), 200, replace=False)]
     tier = AdapterCache(lib, max_bytes=256 << 20)
     cold, hot = [], []
     for aid in sample:
@@ -298,21 +308,21 @@ def main(argv: list[str] | None = None) -> int:
 
     # 7. Zipf traffic through 100 slots
     mm = MixedModel(base, tier, MixConfig(capacity=100, max_rank=NANO_RANK))
-    zipf_ranks = np.arange(1, len(all_ids) + 1, dtype=np.float64)
+    zipf_ranks = np.arange(1, len(live_u64) + 1, dtype=np.float64)
     prob = 1.0 / zipf_ranks
     prob /= prob.sum()
-    perm = rng.permutation(len(all_ids))  # which adapter holds which popularity rank
-    draws = rng.choice(len(all_ids), size=(args.traffic, 3), p=prob)
+    perm = rng.permutation(len(live_u64))  # which adapter holds which popularity rank
+    draws = rng.choice(len(live_u64), size=(args.traffic, 3), p=prob)
     mm.hits = mm.loads = 0
     for req in draws:
-        ids = list(dict.fromkeys(all_ids[perm[i]] for i in req))
+        ids = list(dict.fromkeys(aid(perm[i]) for i in req))
         mm.release(mm.prepare([[(a, 1.0 / len(ids)) for a in ids]]))
     res["slot_hit_rate"] = round(mm.hits / max(1, mm.hits + mm.loads), 4)
     res["traffic"] = {"requests": args.traffic, "adapters_per_request": 3, "zipf_alpha": 1.0, "slots": 100}
     log(f"slot hit rate {res['slot_hit_rate']} over {args.traffic} Zipf requests")
 
     # 8. mixing throughput: 16 x 128, 3 different nano adapters per row, against the base alone
-    mix_ids = [all_ids[i] for i in rng.choice(len(all_ids), 48, replace=False)]
+    mix_ids = [aid(i) for i in rng.choice(len(live_u64), 48, replace=False)]
     rows = [[(mix_ids[3 * r + j], 1 / 3) for j in range(3)] for r in range(16)]
     x = torch.randint(0, base.tokenizer.vocab_size, (16, 128))
     mixed = mm.prepare(rows)
@@ -340,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"mix3 {res['mix3_tok_s']} tok/s vs base {res['base_tok_s']} tok/s: {res['mix3_vs_base']}")
 
     # 9. steady memory: N registered, index loaded, 100 adapters in slots
-    extra = [all_ids[i] for i in rng.choice(len(all_ids), 100, replace=False)]
+    extra = [aid(i) for i in rng.choice(len(live_u64), 100, replace=False)]
     mm.release(mm.prepare([[(a, 1.0)] for a in extra]))
     gc.collect()
     res["loaded_adapters"] = len(mm.loaded)
@@ -349,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # 10. the record of the index choice: HNSW+SQ8 vs IVF+SQ8 on the same keys
     if args.compare_index if args.compare_index is not None else n <= 200_000:
-        live_keys = np.asarray(keys_mm[alive], dtype=np.float32)
+        live_keys = np.asarray(index._vecs[alive], dtype=np.float32)
+        all_ids = [aid(i) for i in range(len(live_u64))]
         cmp: dict[str, Any] = {}
         for kind in ("hnsw", "ivfsq"):
             alt = AnnIndex(None, AnnConfig(kind=kind))

@@ -148,9 +148,11 @@ def _merge_group(lib: Library, recs: list[Any], method: str) -> dict[str, Any]:
     if all(r.kind == "nano" for r in recs):
         nanos = [lib.load_nano(r.id) for r in recs]
         if len({n.basis_id for n in nanos}) == 1:
+            import torch
+
             from loramix.nano import NanoWeights
 
-            cores = {p: sum(n.cores[p].float() for n in nanos if p in n.cores) / len(nanos)
+            cores = {p: torch.stack([n.cores[p].float() for n in nanos if p in n.cores]).sum(0) / len(nanos)
                      for p in sorted({p for n in nanos for p in n.cores})}
             weights = NanoWeights(rank=nanos[0].rank, basis_id=nanos[0].basis_id, cores=cores)
             how = "nano core average (exact average delta)"

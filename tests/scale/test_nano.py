@@ -145,3 +145,30 @@ def test_train_nano_learns_and_reuses_basis(tmp_path, tiny_base_dir):
                                                              layers_from=0.0), progress=False)
     assert len(eng.library.bases.ids()) == 1  # the cached basis is reused
     assert eng.library.load_nano(rec2.id).basis_id == eng.library.load_nano(rec.id).basis_id
+
+
+def test_engine_tiers_and_stats_snapshot(tmp_path, tiny_base_dir, basis):
+    """The engine's mixer loads through the in-memory tier; stats() counts slots, tier and routing cache,
+    and `loramix stats` shows the snapshot write_stats() left."""
+    from typer.testing import CliRunner
+
+    from loramix.app import Loramix
+    from loramix.cli import app
+    from loramix.route import Router
+    from loramix.testing import HashEncoder
+
+    eng = Loramix(tmp_path / "lib", base=str(tiny_base_dir), mix=MixConfig(capacity=2, memory_bytes=1 << 20))
+    eng.library.put_basis(basis)
+    eng._router = Router(eng.library, HashEncoder())
+    ids = [eng.add_weights(random_nano(basis, seed=i), f"n{i}", examples=[f"topic {i}"]).id for i in range(3)]
+    for aid in (ids[0], ids[1], ids[2], ids[0]):  # 2 slots: the 4th request evicts and reloads from memory
+        eng.score("the oak", adapters=[(aid, 1.0)])
+    eng.route("topic 1")
+    eng.route("topic 1")
+    st = eng.stats()
+    assert st["memory_tier"]["misses"] == 3 and st["memory_tier"]["hits"] == 1
+    assert st["slots"]["evictions"] >= 1 and st["route_cache"]["hits"] == 1
+    eng.write_stats()
+    res = CliRunner().invoke(app, ["stats", "--home", str(tmp_path / "lib"), "--json"])
+    out = json.loads(res.stdout)
+    assert out["adapters"] == 3 and out["engine"]["memory_tier"]["hits"] == 1

@@ -166,7 +166,7 @@ class AnnIndex:
         faiss.write_index(self._index, str(tmp))
         os.replace(tmp, ipath)
         tmp = mpath.with_name(f".ann_meta.{os.getpid()}.tmp.npz")
-        np.savez(tmp, format=FORMAT, dim=self.dim, kind=self.kind, keys=self._keys, alive=self._alive,
+        np.savez(tmp, format=FORMAT, dim=int(self.dim or 0), kind=self.kind, keys=self._keys, alive=self._alive,
                  sums=self._sums, lib_generation=self.lib_generation)
         os.replace(tmp, mpath)
 
@@ -210,10 +210,11 @@ class AnnIndex:
         if kind == "flat":
             return faiss.IndexFlatIP(d)
         if kind == "hnsw":
-            index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, self.cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-            index.hnsw.efConstruction = self.cfg.ef_construction
-            index.train(sample)
-            return index
+            hnsw: Any = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, self.cfg.hnsw_m,  # type: ignore[arg-type]
+                                          faiss.METRIC_INNER_PRODUCT)
+            hnsw.hnsw.efConstruction = self.cfg.ef_construction
+            hnsw.train(sample)
+            return hnsw
         nlist = self.cfg.ivf_lists or max(16, int(4 * math.sqrt(max(len(sample), 1))))
         nlist = min(nlist, max(1, len(sample) // 39))
         quant = faiss.IndexFlatIP(d)
@@ -222,7 +223,7 @@ class AnnIndex:
         return index
 
     def _apply_search_params(self) -> None:
-        base = faiss.downcast_index(self._index) if self._index is not None else None
+        base: Any = faiss.downcast_index(self._index) if self._index is not None else None
         if self.kind == "hnsw" and base is not None:
             base.hnsw.efSearch = self.cfg.ef_search
         elif self.kind == "ivfsq" and base is not None:
@@ -318,6 +319,8 @@ class AnnIndex:
                 (report.updated if ids[j] in old else report.added).append(ids[j])
             if changed:
                 self.upsert([ids[j] for j in changed], mat[changed])
+                if len(wanted) > 50_000:
+                    self.save()  # a long first sync survives a kill: the next one resumes from here
         self.lib_generation = gen
         if report.changed or self.folder is not None:
             self.save()

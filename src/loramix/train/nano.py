@@ -31,6 +31,8 @@ class NanoLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         dtype = base_layer.weight.dtype
+        self.u: torch.Tensor
+        self.vh: torch.Tensor
         self.register_buffer("u", u.to(dtype), persistent=False)  # (n_out, r)
         self.register_buffer("vh", vh.to(dtype), persistent=False)  # (r, n_in)
         self.core = nn.Parameter(torch.zeros(vh.shape[0], vh.shape[0], dtype=dtype))  # (r, r)
@@ -42,7 +44,7 @@ class NanoLinear(nn.Module):
 
 def nano_paths(model: nn.Module, cfg: TrainConfig) -> list[str]:
     """The module paths a nano adapter adapts: ``cfg.target_modules`` in the top ``1 - layers_from`` layers."""
-    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
+    n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr,arg-type]
     first = int(n_layers * cfg.layers_from)
     out = []
     for path, mod in model.named_modules():
