@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nano-lrs", default="5e-3,2e-2")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--base", default=None)
+    p.add_argument("--nano-suffix", default="", help="name nano experts <domain>-nano<suffix> (a second lr sweep "
+                   "beside cached ones)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
 
@@ -64,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     for d in domains:
         texts = [doc.text for doc in train[d]]
         for kind, lrs in (("lora", [args.lora_lr]), ("nano", [float(x) for x in args.nano_lrs.split(",")])):
-            name = f"{d}-{kind}"
+            name = f"{d}-{kind}" + (args.nano_suffix if kind == "nano" else "")
             if name in lib:
                 per.setdefault(d, {})[kind] = lib.get(name).meta["train"]
                 print(f"{name}: reused", flush=True)
@@ -89,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         res = {}
         with torch.no_grad():
             for setting in ("base", "lora", "nano"):
-                mix = [] if setting == "base" else [(lib.get(f"{d}-{setting}").id, 1.0)]
+                suffix = args.nano_suffix if setting == "nano" else ""
+                mix = [] if setting == "base" else [(lib.get(f"{d}-{setting}{suffix}").id, 1.0)]
                 res[setting] = float(np.mean([s.loss for s in score_texts(mm, tests, [mix] * len(tests))]))
         res["lora_reduction"] = res["base"] - res["lora"]
         res["nano_reduction"] = res["base"] - res["nano"]
@@ -105,7 +108,7 @@ def summarize(args: argparse.Namespace, argv: list[str] | None, domains: list[st
               per: dict[str, dict], lib: Any, t_start: float, final: bool) -> None:
     lora_red = float(np.mean([r["lora_reduction"] for _, r in rows]))
     nano_red = float(np.mean([r["nano_reduction"] for _, r in rows]))
-    lora_rec, nano_rec = lib.get(f"{domains[0]}-lora"), lib.get(f"{domains[0]}-nano")
+    lora_rec, nano_rec = lib.get(f"{domains[0]}-lora"), lib.get(f"{domains[0]}-nano{args.nano_suffix}")
     size = nano_rec.n_params / lora_rec.n_params
     kept = nano_red / lora_red if lora_red > 0 else None
     out = {"bench": "nano_quality", "complete": final, "domains_done": [d for d, _ in rows], "domains": domains, "steps": args.steps, "train_per_domain": args.train_per_domain,

@@ -85,7 +85,11 @@ def compute_basis(model: nn.Module, rank: int, paths: list[str] | None = None) -
             raise InvalidAdapter(f"nano rank {rank} exceeds layer {path}'s size {tuple(w.shape)}; expected a rank "
                                  f"of at most {min(w.shape)}")
         u, _s, vh = torch.linalg.svd(w, full_matrices=False)  # (n_out, m), (m,), (m, n_in)
-        layers[path] = (u[:, :rank].contiguous(), vh[:rank].contiguous())  # (n_out, r), (r, n_in)
+        u, vh = u[:, :rank], vh[:rank]  # (n_out, r), (r, n_in)
+        # canonical signs (each u column's largest entry positive): the same basis from any LAPACK
+        sign = torch.sign(u.gather(0, u.abs().argmax(0, keepdim=True)))  # (1, r)
+        sign[sign == 0] = 1
+        layers[path] = ((u * sign).contiguous(), (vh * sign.T).contiguous())
     return NanoBasis(rank=rank, base_id=base_fingerprint(model), layers=layers)
 
 
