@@ -155,6 +155,7 @@ def test_batched_equals_alone_and_reference(base: BaseModel, adapters: dict[str,
     solo.stop()
     for r, (toks, _, fin) in zip(reqs, want, strict=True):
         assert fin.reason == "length" and len(toks) == r.params.max_new_tokens
+        assert fin.text == mm.tokenizer.decode(toks, skip_special_tokens=True)  # incremental detokenisation
     ref_toks, ref_lps = reference(mm, reqs[0])
     assert want[0][0] == ref_toks
     assert want[0][1] == pytest.approx(ref_lps, abs=1e-4)
