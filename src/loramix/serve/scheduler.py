@@ -399,7 +399,7 @@ class Scheduler:
         """One turn: drop cancelled rows, admit + prefill, one decode step. Whether anything happened."""
         with self.lock, torch.inference_mode(), maybe_autocast(self.mm.cfg.bf16):
             self._drop_cancelled(events)
-            new = self._admit(events)
+            new = self._admit()
             if new:
                 self._prefill(new, events)
             if self._batch.rows:
@@ -422,7 +422,7 @@ class Scheduler:
                     self._finish(r, "cancelled", events)
             self._keep([i for i, r in enumerate(rows) if not r.finished])
 
-    def _admit(self, events: list[tuple[_Req, Event]]) -> list[_Req]:
+    def _admit(self) -> list[_Req]:
         """Pop the requests to prefill now (FIFO; see the module docstring)."""
         room = self.cfg.max_batch - len(self._batch.rows)
         ids = set().union(*(r.ids for r in self._batch.rows))  # adapters of the running rows (pinned)
