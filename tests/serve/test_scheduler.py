@@ -553,3 +553,34 @@ def test_lock_is_held_around_model_steps(base: BaseModel, adapters: dict[str, Lo
     rec.wait()
     assert rec.finish(1).reason == "length"
     sched.stop()
+
+
+def test_many_threads_submitting_at_once(base: BaseModel, adapters: dict[str, LoraWeights]) -> None:
+    """generate() from 8 client threads at once: every request completes with its alone tokens."""
+    mm = mixer(base, adapters)
+    reqs = [greedy(base, i, MIXES[i % len(MIXES)], 3 + i % 9, 4 + i % 7) for i in range(16)]
+    solo = Scheduler(mm)
+    want = [alone(solo, r)[0] for r in reqs]
+    solo.stop()
+    sched = Scheduler(mm, SchedulerConfig(max_batch=6))
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            for i in (k, k + 8):
+                toks, fin = sched.generate(reqs[i], timeout=30)
+                assert fin.reason == "length"
+                got[i] = [e.id for e in toks]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sched.stop()
+    assert not errors, errors
+    assert [got[i] for i in range(16)] == want
+    assert max(sched.stats().batch_sizes) > 1
