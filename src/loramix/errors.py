@@ -13,6 +13,8 @@ one type. The tree::
     ├── RoutingError           the router can't answer (empty library, no key, bad filter)
     ├── MixError               the mixer can't apply a mixture (too many adapters for the slots, ...)
     ├── TrainingError          training data or a training run is unusable
+    ├── Unauthorized           no API key, or an unknown one (HTTP 401)
+    ├── AccessDenied           the caller may not do this (admin-only action, another's adapter) (HTTP 403)
     └── MergeError             adapters can't be merged (different targets for a method that needs equal ones, ...)
 
 Messages name the problem and what was expected, e.g.
@@ -67,3 +69,11 @@ class TrainingError(LoramixError):
 
 class MergeError(LoramixError):
     """Adapters can't be merged with the requested method."""
+
+
+class Unauthorized(LoramixError):
+    """The request carries no API key, or one the server does not know (HTTP 401)."""
+
+
+class AccessDenied(LoramixError, PermissionError):
+    """The caller is known but may not do this: an admin-only action, deleting a shared adapter (HTTP 403)."""
