@@ -71,6 +71,7 @@ class Loramix:
         self._base: BaseModel | None = None
         self._mixer: MixedModel | None = None
         self._lock = threading.RLock()  # one forward pass at a time through the shared mixer
+        self.extra_weights: dict[str, LoraWeights] = {}  # in-memory adapters (not in the library), by id
 
     # --- lazily built parts -------------------------------------------------------------------
     @property
@@ -103,8 +104,18 @@ class Loramix:
         if self._mixer is None:
             from loramix.mix import MixedModel
 
-            self._mixer = MixedModel(self.base, self.library.load, self.mix_cfg)
+            self._mixer = MixedModel(self.base, self.load_weights, self.mix_cfg)
         return self._mixer
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held around every use of the shared model (a scheduler shares it)."""
+        return self._lock
+
+    def load_weights(self, adapter_id: str) -> LoraWeights:
+        """The mixer's loader: an in-memory adapter (a cached merge, a runtime LoRA) or a library one."""
+        w = self.extra_weights.get(adapter_id)
+        return w if w is not None else self.library.load(adapter_id)
 
     def base_path(self) -> Path:
         return resolve_base_path(self._base_arg)

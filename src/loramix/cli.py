@@ -13,6 +13,7 @@ from rich.table import Table
 
 from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig
 from loramix.errors import LoramixError
+from loramix.serve.settings import ServeSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="A library of LoRA adapters for one causal LM: route, mix, merge, train, generate.")
@@ -402,6 +403,37 @@ def quickstart(home: Home = None, base: Base = None,
     res = run_quickstart(home=home, base=base, steps=steps, quiet=as_json)
     if as_json:
         _print_json(res)
+
+_S = ServeSettings()
+
+
+@app.command("serve")
+def serve(home: Home = None, base: Base = None,
+          host: Annotated[str, typer.Option("--host", help="Address to bind; a non-loopback one needs --api-keys.")] = _S.host,
+          port: Annotated[int, typer.Option("--port")] = _S.port,
+          api_keys: Annotated[Path | None, typer.Option("--api-keys", help='JSON file {"KEY": {"tenant": NAME, "admin": false}}.')] = None,
+          max_batch: Annotated[int, typer.Option("--max-batch", help="Rows decoding together (1 = no batching).")] = _S.max_batch,
+          max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond this get 429.")] = _S.max_queue,
+          max_new_tokens_cap: Annotated[int, typer.Option("--max-new-tokens-cap", help="Requests asking more max_tokens get 400.")] = _S.max_new_tokens_cap,
+          default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", help="max_tokens when a request gives none.")] = _S.default_max_tokens,
+          max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longer prompts get 400.")] = _S.max_prompt_tokens,
+          max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="JSON request bodies above this get 413.")] = _S.max_body_bytes,
+          max_upload_bytes: Annotated[int, typer.Option("--max-upload-bytes", help="Adapter uploads above this get 413.")] = _S.max_upload_bytes,
+          request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a generation may run before it is cancelled.")] = _S.request_timeout_s,
+          allow_lora_dir: Annotated[list[Path] | None, typer.Option("--allow-lora-dir", help="Folder /v1/load_lora_adapter may read from (repeatable).")] = None,
+          served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The base model's id in /v1/models (default: its folder name).")] = None,
+          capacity: Annotated[int, typer.Option("--capacity", help="Adapter slots kept loaded.")] = _M.capacity,
+          bf16: Bf16 = False,
+          log_level: Annotated[str, typer.Option("--log-level")] = "info") -> None:
+    """Serve the library over HTTP for OpenAI and LoRAX clients (FastAPI + uvicorn), batching requests."""
+    from loramix.serve.run import serve as run_serve
+
+    settings = ServeSettings(host=host, port=port, api_keys=api_keys, max_batch=max_batch, max_queue=max_queue,
+                             max_new_tokens_cap=max_new_tokens_cap, default_max_tokens=default_max_tokens,
+                             max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                             max_upload_bytes=max_upload_bytes, request_timeout_s=request_timeout,
+                             allow_lora_dirs=list(allow_lora_dir or []), served_model_name=served_model_name)
+    run_serve(settings, home=home, base=base, mix=MixConfig(capacity=capacity, bf16=bf16), log_level=log_level)
 
 
 def main() -> None:
