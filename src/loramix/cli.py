@@ -420,6 +420,7 @@ def serve(home: Home = None, base: Base = None,
           max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="JSON request bodies above this get 413.")] = _S.max_body_bytes,
           max_upload_bytes: Annotated[int, typer.Option("--max-upload-bytes", help="Adapter uploads above this get 413.")] = _S.max_upload_bytes,
           request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a generation may run before it is cancelled.")] = _S.request_timeout_s,
+          max_concurrent_per_key: Annotated[int, typer.Option("--max-concurrent-per-key", help="Requests in flight per API key; more get 429.")] = _S.max_concurrent_per_key,
           allow_lora_dir: Annotated[list[Path] | None, typer.Option("--allow-lora-dir", help="Folder /v1/load_lora_adapter may read from (repeatable).")] = None,
           served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The base model's id in /v1/models (default: its folder name).")] = None,
           capacity: Annotated[int, typer.Option("--capacity", help="Adapter slots kept loaded.")] = _M.capacity,
@@ -432,6 +433,7 @@ def serve(home: Home = None, base: Base = None,
                              max_new_tokens_cap=max_new_tokens_cap, default_max_tokens=default_max_tokens,
                              max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                              max_upload_bytes=max_upload_bytes, request_timeout_s=request_timeout,
+                             max_concurrent_per_key=max_concurrent_per_key,
                              allow_lora_dirs=list(allow_lora_dir or []), served_model_name=served_model_name)
     run_serve(settings, home=home, base=base, mix=MixConfig(capacity=capacity, bf16=bf16), log_level=log_level)
 
