@@ -158,6 +158,7 @@ async function chat(ev) {
     max_tokens: Number($("chat-max").value) || 64, temperature: Number($("chat-temp").value) || 0,
     stream_options: { include_usage: true },
   };
+  if ($("chat-ignore-eos").checked) body.ignore_eos = true;
   chatAbort = new AbortController();
   $("chat-send").disabled = true;
   $("chat-stop").disabled = false;
