@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import math
-import re
 import tempfile
 import threading
 import time
@@ -177,7 +176,7 @@ def last_user_text(messages: Sequence[dict[str, Any]]) -> str:
 
 
 def _looks_like_mixture(model: str) -> bool:
-    return "," in model or re.search(r":[-+0-9.eE]+\s*$", model) is not None
+    return "," in model or ":" in model
 
 
 def _parse_weighted(model: str) -> list[tuple[str, float]]:

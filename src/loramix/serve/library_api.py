@@ -91,7 +91,7 @@ class RouteRequest(BaseModel):
     k: Annotated[int, Field(ge=1, le=64)] | None = None
     strategy: str | None = None
     tags: list[str] | None = None
-    temperature: Annotated[float, Field(gt=0, le=100)] | None = None
+    temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
 
 
 @router.post("/v1/route")

@@ -36,7 +36,7 @@ class LoramixOptions(BaseModel):
     k: Annotated[int, Field(ge=1, le=64)] | None = None
     strategy: str | None = None
     tags: list[str] | None = None
-    temperature: Annotated[float, Field(gt=0, le=100)] | None = None
+    temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -168,7 +168,7 @@ async def _respond(gen: Generation, *, chat: bool, model: str, stream: bool, inc
             yield _sse(chunk({"role": "assistant", "content": ""}))
         elif echo:
             yield _sse(chunk(echo))
-        ev = first
+        ev, sent = first, ""
         try:
             while True:
                 if isinstance(ev, FinishEvent):
@@ -176,6 +176,9 @@ async def _respond(gen: Generation, *, chat: bool, model: str, stream: bool, inc
                         msg = ev.error or f"the generation was {ev.reason}"
                         yield _sse(error_body("/v1", 500, msg, None, "generation_failed"))
                         break
+                    if len(ev.text) > len(sent) and ev.text.startswith(sent):  # text held back by detokenising
+                        rest = ev.text[len(sent):]
+                        yield _sse(chunk({"content": rest} if chat else rest))
                     yield _sse(chunk({} if chat else "", _finish(ev.reason)))
                     if include_usage:
                         yield _sse({"id": rid, "object": chunk_kind, "created": created, "model": model,
@@ -183,6 +186,7 @@ async def _respond(gen: Generation, *, chat: bool, model: str, stream: bool, inc
                                     "loramix": extra})
                     break
                 if ev.text:
+                    sent += ev.text
                     yield _sse(chunk({"content": ev.text} if chat else ev.text))
                 ev = await anext(events)
         except Exception as e:  # noqa: BLE001 - after the stream started, an error is the last event
