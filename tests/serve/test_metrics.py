@@ -70,6 +70,8 @@ def test_metrics_count_real_requests(served: Served) -> None:
     assert delta("loramix_adapter_slot_hits_total") + delta("loramix_adapter_slot_misses_total") >= 3
     assert value(after, "loramix_adapter_load_seconds_total") > 0
     assert value(after, "loramix_num_requests_running") == 0 and value(after, "loramix_num_requests_waiting") == 0
+    assert delta("loramix_decode_batch_size_count") >= 15  # 3 generations of 6 tokens: 5 decode steps each
+    assert value(after, "loramix_max_batch") == 8
     info = [(k, v) for k, v in after.items() if k[0] == "loramix_lora_requests_info"]
     assert len(info) == 1
     labels = dict(info[0][0][1])
@@ -95,7 +97,8 @@ def test_running_adapters_show_while_a_generation_runs() -> None:
     m = Metrics()
     m.attach(lambda: EngineStats(queue_len=2, running=3, running_adapters=["a", "b"], waiting_adapters=["c"],
                                  max_lora=8, adapters_loaded=3, slot_hits=5, slot_misses=3, slot_evictions=1,
-                                 adapter_load_seconds=0.25, steps=7))
+                                 adapter_load_seconds=0.25, steps=7, max_batch=8, last_batch_size=3,
+                                 decode_batch_sizes={1: 2, 3: 4, 8: 1}))
     fams = {f.name: f for f in text_string_to_metric_families(m.text().decode())}
     sample = fams["loramix_lora_requests_info"].samples[0]
     assert sample.labels == {"running_lora_adapters": "a,b", "waiting_lora_adapters": "c", "max_lora": "8"}
@@ -103,6 +106,12 @@ def test_running_adapters_show_while_a_generation_runs() -> None:
     assert fams["loramix_num_requests_waiting"].samples[0].value == 2
     assert fams["loramix_adapter_slot_evictions"].samples[0].value == 1
     assert fams["loramix_adapter_load_seconds"].samples[0].value == 0.25
+    hist = {(s.name, s.labels.get("le")): s.value for s in fams["loramix_decode_batch_size"].samples}
+    assert hist[("loramix_decode_batch_size_bucket", "1.0")] == 2
+    assert hist[("loramix_decode_batch_size_bucket", "2.0")] == 2
+    assert hist[("loramix_decode_batch_size_bucket", "4.0")] == 6
+    assert hist[("loramix_decode_batch_size_bucket", "8.0")] == hist[("loramix_decode_batch_size_bucket", "+Inf")] == 7
+    assert hist[("loramix_decode_batch_size_count", None)] == 7 and hist[("loramix_decode_batch_size_sum", None)] == 22
     m2 = Metrics()
     m2.attach(lambda: None)  # an engine that is not started reports nothing, and the scrape still works
     assert b"loramix_num_requests_running" not in m2.text()

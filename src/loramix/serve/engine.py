@@ -376,11 +376,12 @@ class LocalEngine:
 
         return EngineStats(queue_len=s.queue_len, running=s.running,
                            running_adapters=sorted({name_of(a) for a in s.running_adapters}),
-                           waiting_adapters=sorted({name_of(a) for a in getattr(s, "waiting_adapters", [])}),
+                           waiting_adapters=sorted({name_of(a) for a in s.waiting_adapters}),
                            max_lora=int(m["capacity"]), adapters_loaded=int(m["loaded"]),
                            adapters_pinned=int(m["pinned"]), slot_hits=int(m["hits"]), slot_misses=int(m["misses"]),
                            slot_evictions=int(m["evictions"]), adapter_load_seconds=float(m["load_seconds"]),
-                           steps=int(getattr(s, "steps", 0)))
+                           steps=int(s.steps), max_batch=int(s.max_batch), last_batch_size=int(s.last_batch_size),
+                           decode_batch_sizes=dict(s.batch_sizes))
 
     def load_lora(self, name: str, path: Path, tenant: str | None) -> None:
         from loramix.base import base_linear_shapes

@@ -25,7 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -54,6 +54,9 @@ class EngineStats:
     slot_evictions: int = 0
     adapter_load_seconds: float = 0.0
     steps: int = 0  # scheduler steps (forward passes)
+    max_batch: int = 0  # the scheduler's row limit
+    last_batch_size: int = 0  # rows in the last decode step
+    decode_batch_sizes: dict[int, int] = field(default_factory=dict)  # decode steps per batch size
 
 
 def outcome_of(status: int) -> str:
@@ -181,11 +184,28 @@ class EngineCollector(Collector):
             ("loramix_scheduler_steps", "Scheduler steps (batched forward passes).", s.steps)]
         for name, doc, total in counters:
             yield CounterMetricFamily(name, doc, value=total)
+        yield GaugeMetricFamily("loramix_max_batch", "Rows the scheduler decodes together at most.", value=s.max_batch)
+        yield GaugeMetricFamily("loramix_last_batch_size", "Rows in the last decode step.", value=s.last_batch_size)
+        yield _batch_histogram(s.decode_batch_sizes, s.max_batch)
         info = GaugeMetricFamily("loramix_lora_requests_info", "Running stats on LoRA requests (as vLLM's "
                                  "vllm:lora_requests_info); the value is the scrape time.",
                                  labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
         info.add_metric([",".join(s.running_adapters), ",".join(s.waiting_adapters), str(s.max_lora)], time.time())
         yield info
+
+
+def _batch_histogram(sizes: dict[int, int], max_batch: int) -> HistogramMetricFamily:
+    """Decode steps by batch size as a Prometheus histogram (buckets 1, 2, 4, ... up to max_batch)."""
+    top = max([max_batch, *sizes]) if sizes or max_batch else 1
+    bounds, b = [], 1
+    while b < top:
+        bounds.append(b)
+        b *= 2
+    bounds.append(top)
+    buckets = [(str(float(ub)), float(sum(n for size, n in sizes.items() if size <= ub))) for ub in bounds]
+    buckets.append(("+Inf", float(sum(sizes.values()))))
+    return HistogramMetricFamily("loramix_decode_batch_size", "Rows per decode step (the running batch size).",
+                                 buckets=buckets, sum_value=float(sum(size * n for size, n in sizes.items())))
 
 
 class MetricsMiddleware:
