@@ -167,6 +167,10 @@ def test_delete_only_your_own(ts: TenantServer, tiny_base_dir: Path, tmp_path: P
     assert "bob-upload" not in [m["id"] for m in _get(ts, "/v1/models", "alice").json()["data"]]
     assert httpx.delete(ts.url + "/v1/adapters/bob-upload", headers=ts.auth("alice")).status_code == 404
     assert httpx.delete(ts.url + "/v1/adapters/bob-upload", headers=ts.auth("bob")).json() == {"deleted": "bob-upload"}
+    trail = [(r["tenant"], r["action"], r["outcome"]) for r in ts.lm.library.audit_log(limit=None)
+             if r["adapter"] == "bob-upload"]
+    assert trail == [("bob", "delete", "ok"), ("alice", "delete", "not_found"), ("alice", "add", "invalid"),
+                     ("bob", "add", "ok")]  # newest first
 
 
 def test_admin_only_actions(ts: TenantServer) -> None:
