@@ -286,3 +286,18 @@ def test_per_key_concurrency_limit_is_429_and_slots_come_back(tmp_path: Path) ->
         while auth.active(fp) and time.monotonic() - t0 < 5:
             time.sleep(0.02)
         assert auth.active(fp) == 0
+
+
+def test_serve_cli_refuses_a_bad_keys_file_before_listening(tmp_path: Path, tiny_base_dir: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    bad = tmp_path / "keys.json"
+    bad.write_text('{"0123456789abcdefgh": {"tenant": "alice", "admin": 1}}')
+    env = {**os.environ, "LORAMIX_HOME": str(tmp_path / "home"), "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.run([sys.executable, "-m", "loramix.cli", "serve", "--api-keys", str(bad), "--base",
+                           str(tiny_base_dir), "--port", str(free_port())], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert "admin is 1; expected true or false" in proc.stderr.replace("\n", " ")
