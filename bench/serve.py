@@ -29,7 +29,6 @@ import os
 import random
 import shlex
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile

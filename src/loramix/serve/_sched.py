@@ -2,18 +2,10 @@
 
 from __future__ import annotations
 
-try:  # pragma: no cover - which branch depends on what is merged
-    from loramix.errors import Overloaded  # type: ignore[attr-defined]
-    from loramix.serve.scheduler import (  # type: ignore[import-not-found]
-        FinishEvent,
-        GenRequest,
-        SamplingParams,
-        Scheduler,
-        SchedulerConfig,
-        TokenEvent,
-    )
-except ImportError:  # pragma: no cover
-    from loramix.serve._standin import (  # type: ignore[assignment]
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loramix.serve._standin import (
         FinishEvent,
         GenRequest,
         Overloaded,
@@ -22,5 +14,26 @@ except ImportError:  # pragma: no cover
         SchedulerConfig,
         TokenEvent,
     )
+else:
+    try:  # the continuous-batching scheduler, once merged
+        from loramix.errors import Overloaded
+        from loramix.serve.scheduler import (
+            FinishEvent,
+            GenRequest,
+            SamplingParams,
+            Scheduler,
+            SchedulerConfig,
+            TokenEvent,
+        )
+    except ImportError:  # the serial stand-in until then
+        from loramix.serve._standin import (
+            FinishEvent,
+            GenRequest,
+            Overloaded,
+            SamplingParams,
+            Scheduler,
+            SchedulerConfig,
+            TokenEvent,
+        )
 
 __all__ = ["FinishEvent", "GenRequest", "Overloaded", "SamplingParams", "Scheduler", "SchedulerConfig", "TokenEvent"]

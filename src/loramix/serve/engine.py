@@ -12,13 +12,14 @@ generation is submitted with a callback and bridged to asyncio by :func:`stream_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -124,17 +125,15 @@ class Engine(Protocol):
     def unload_lora(self, name: str, tenant: str | None) -> None: ...
 
 
-async def stream_events(engine: Engine, req: GenRequest, timeout_s: float) -> AsyncIterator[Event]:
+async def stream_events(engine: Engine, req: GenRequest, timeout_s: float) -> AsyncGenerator[Event, None]:
     """Submit ``req`` and yield its events on this event loop; the request is cancelled if the consumer
     stops early (client gone) or it runs past ``timeout_s`` (then :class:`RequestTimeout` is raised)."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[Event] = asyncio.Queue()
 
     def on_event(ev: Event) -> None:  # called from the scheduler thread
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
             loop.call_soon_threadsafe(q.put_nowait, ev)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            pass
 
     handle = engine.submit(req, on_event)
     done = False
