@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from loramix.serve._sched import FinishEvent, GenRequest, SamplingParams, TokenEvent
 from loramix.serve.engine import Engine, GenerationFailed, Resolved, stream_events
 from loramix.serve.errors import ApiError
+from loramix.serve.scheduler import FinishEvent, GenRequest, SamplingParams, TokenEvent
 from loramix.serve.settings import ServeSettings
 
 __all__ = ["Generation", "Principal", "engine_of", "get_principal", "run_in_threadpool", "sampling", "settings_of"]

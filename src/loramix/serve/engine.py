@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import json
 import math
-import tempfile
 import threading
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
@@ -25,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loramix.config import RouteConfig
-from loramix.errors import AdapterExists, AdapterNotFound, ConfigError, LoramixError, MergeError
-from loramix.serve._sched import FinishEvent, GenRequest, Overloaded, SamplingParams, TokenEvent
+from loramix.errors import AdapterExists, AdapterNotFound, ConfigError, LoramixError, MergeError, Overloaded
+from loramix.serve.scheduler import FinishEvent, GenRequest, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
     from loramix.app import Loramix
@@ -203,7 +202,7 @@ class LocalEngine:
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        from loramix.serve._sched import Scheduler, SchedulerConfig
+        from loramix.serve.scheduler import Scheduler, SchedulerConfig
 
         lm = self.lm
         _ = lm.base, lm.mixer  # load the base once, now
@@ -300,9 +299,12 @@ class LocalEngine:
         return dict(d)
 
     def score(self, text: str, resolved: Resolved) -> dict[str, Any]:
+        import torch
+
         from loramix.evaluate.score import score_texts
 
-        with self.lm.lock:
+        # inference mode also while slots load: the scheduler made the slot tensors inference tensors
+        with self.lm.lock, torch.inference_mode():
             s = score_texts(self.lm.mixer, [text], [resolved.mixture])[0]
         return {"loss": s.loss, "tokens": s.tokens, "adapters": resolved.adapters}
 
@@ -347,7 +349,8 @@ class LocalEngine:
         return rec.to_dict()
 
     def remove_adapter(self, name: str, tenant: str | None) -> None:
-        self.lm.remove_adapter(name)
+        with self.lm.lock:  # the scheduler thread reads the mixer's slot table
+            self.lm.remove_adapter(name)
 
     def load_lora(self, name: str, path: Path, tenant: str | None) -> None:
         from loramix.base import base_linear_shapes
@@ -555,12 +558,4 @@ class FakeEngine:
     def unload_lora(self, name: str, tenant: str | None) -> None:
         if self.runtime.pop(name, None) is None:
             raise AdapterNotFound(f"no runtime adapter named {name!r}")
-
-
-def write_upload(files: dict[str, bytes]) -> tempfile.TemporaryDirectory[str]:
-    """Write an uploaded PEFT folder's files into a fresh temporary folder (the caller cleans it up)."""
-    d = tempfile.TemporaryDirectory(prefix="loramix-upload-")
-    for fname, data in files.items():
-        (Path(d.name) / fname).write_bytes(data)
-    return d
 

@@ -18,7 +18,6 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramix import __version__
-from loramix.serve._sched import FinishEvent, TokenEvent
 from loramix.serve.common import (
     Generation,
     Principal,
@@ -30,6 +29,7 @@ from loramix.serve.common import (
 )
 from loramix.serve.engine import MergeRecipe, Resolved
 from loramix.serve.errors import ApiError, error_body, status_of
+from loramix.serve.scheduler import FinishEvent, TokenEvent
 
 __all__ = ["router"]
 
