@@ -13,10 +13,10 @@ from fastapi.testclient import TestClient
 
 from loramix.base import load_base
 from loramix.errors import ConfigError
-from loramix.serve._sched import GenRequest, SamplingParams
 from loramix.serve.app import create_app
 from loramix.serve.engine import FakeEngine, MergeRecipe, RequestTimeout, stream_events
 from loramix.serve.library_api import allowed_path
+from loramix.serve.scheduler import GenRequest, SamplingParams
 from loramix.serve.settings import ServeSettings, is_loopback
 from loramix.store.peft_io import write_peft_dir
 from loramix.testing import random_lora
@@ -372,7 +372,7 @@ class _Stalled(FakeEngine):
         self.handles: list[Any] = []
 
     def submit(self, req: GenRequest, on_event: Any) -> Any:
-        from loramix.serve._sched import TokenEvent
+        from loramix.serve.scheduler import TokenEvent
 
         class H:
             cancelled = False

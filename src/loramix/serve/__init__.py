@@ -1,4 +1,4 @@
-"""loramix serve: one HTTP server for OpenAI and LoRAX clients over the adapter library.
+"""loramix serve: continuous batching of per-request adapter mixtures behind HTTP APIs (OpenAI, LoRAX).
 
 ``create_app(engine, settings)`` builds the FastAPI app; :class:`LocalEngine` is the real model side,
 :class:`FakeEngine` a model-free one for tests. Names load lazily so that the CLI can read

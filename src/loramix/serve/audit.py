@@ -24,11 +24,12 @@ from loramix.errors import (
     InvalidAdapter,
     LoramixError,
     MergeError,
+    Overloaded,
     RoutingError,
 )
-from loramix.serve._sched import FinishEvent, GenRequest, Overloaded
 from loramix.serve.engine import Engine, Event, Handle, MergeRecipe, Resolved
 from loramix.serve.metrics import EngineStats, Metrics
+from loramix.serve.scheduler import FinishEvent, GenRequest
 
 __all__ = ["AuditedEngine", "outcome_of_error"]
 

@@ -4,16 +4,15 @@ running one generation to completion or as a stream of events."""
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from loramix.serve._sched import FinishEvent, GenRequest, SamplingParams, TokenEvent
 from loramix.serve.engine import Engine, GenerationFailed, Resolved, stream_events
 from loramix.serve.errors import ApiError
+from loramix.serve.scheduler import FinishEvent, GenRequest, SamplingParams, TokenEvent
 from loramix.serve.settings import ServeSettings
 
 __all__ = ["Generation", "Principal", "engine_of", "get_principal", "run_in_threadpool", "sampling", "settings_of"]
@@ -89,7 +88,7 @@ class Generation:
                                 f"{self.settings.max_prompt_tokens} (--max-prompt-tokens)", "prompt",
                            "context_length_exceeded")
 
-    async def events(self) -> AsyncIterator[TokenEvent | FinishEvent]:
+    async def events(self) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
         req = GenRequest(prompt_ids=self.prompt_ids, mixture=self.resolved.mixture, params=self.params)
         async for ev in stream_events(self.engine, req, self.settings.request_timeout_s):
             if isinstance(ev, FinishEvent):

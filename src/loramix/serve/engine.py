@@ -12,20 +12,20 @@ generation is submitted with a callback and bridged to asyncio by :func:`stream_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import math
-import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from loramix.config import RouteConfig
-from loramix.errors import AdapterExists, AdapterNotFound, ConfigError, LoramixError, MergeError
-from loramix.serve._sched import FinishEvent, GenRequest, Overloaded, SamplingParams, TokenEvent
+from loramix.errors import AdapterExists, AdapterNotFound, ConfigError, LoramixError, MergeError, Overloaded
+from loramix.serve.scheduler import FinishEvent, GenRequest, SamplingParams, TokenEvent
 
 if TYPE_CHECKING:
     from loramix.app import Loramix
@@ -125,17 +125,15 @@ class Engine(Protocol):
     def unload_lora(self, name: str, tenant: str | None) -> None: ...
 
 
-async def stream_events(engine: Engine, req: GenRequest, timeout_s: float) -> AsyncIterator[Event]:
+async def stream_events(engine: Engine, req: GenRequest, timeout_s: float) -> AsyncGenerator[Event, None]:
     """Submit ``req`` and yield its events on this event loop; the request is cancelled if the consumer
     stops early (client gone) or it runs past ``timeout_s`` (then :class:`RequestTimeout` is raised)."""
     loop = asyncio.get_running_loop()
     q: asyncio.Queue[Event] = asyncio.Queue()
 
     def on_event(ev: Event) -> None:  # called from the scheduler thread
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone (server shutting down)
             loop.call_soon_threadsafe(q.put_nowait, ev)
-        except RuntimeError:  # the loop is gone (server shutting down)
-            pass
 
     handle = engine.submit(req, on_event)
     done = False
@@ -205,7 +203,7 @@ class LocalEngine:
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
-        from loramix.serve._sched import Scheduler, SchedulerConfig
+        from loramix.serve.scheduler import Scheduler, SchedulerConfig
 
         lm = self.lm
         _ = lm.base, lm.mixer  # load the base once, now
@@ -302,9 +300,12 @@ class LocalEngine:
         return dict(d)
 
     def score(self, text: str, resolved: Resolved) -> dict[str, Any]:
+        import torch
+
         from loramix.evaluate.score import score_texts
 
-        with self.lm.lock:
+        # inference mode also while slots load: the scheduler made the slot tensors inference tensors
+        with self.lm.lock, torch.inference_mode():
             s = score_texts(self.lm.mixer, [text], [resolved.mixture])[0]
         return {"loss": s.loss, "tokens": s.tokens, "adapters": resolved.adapters}
 
@@ -350,7 +351,8 @@ class LocalEngine:
         return rec.to_dict()
 
     def remove_adapter(self, name: str, tenant: str | None) -> None:
-        self.lm.remove_adapter(name, tenant=tenant)
+        with self.lm.lock:  # the scheduler thread reads the mixer's slot table
+            self.lm.remove_adapter(name, tenant=tenant)
 
     def audit(self, action: str, tenant: str | None = None, adapter: str | None = None, outcome: str = "ok",
               detail: dict[str, Any] | None = None) -> None:
@@ -614,12 +616,4 @@ class FakeEngine:
     def unload_lora(self, name: str, tenant: str | None) -> None:
         if self.runtime.pop(name, None) is None:
             raise AdapterNotFound(f"no runtime adapter named {name!r}")
-
-
-def write_upload(files: dict[str, bytes]) -> tempfile.TemporaryDirectory[str]:
-    """Write an uploaded PEFT folder's files into a fresh temporary folder (the caller cleans it up)."""
-    d = tempfile.TemporaryDirectory(prefix="loramix-upload-")
-    for fname, data in files.items():
-        (Path(d.name) / fname).write_bytes(data)
-    return d
 

@@ -28,10 +28,10 @@ from loramix.errors import (
     LoramixError,
     MergeError,
     MixError,
+    Overloaded,
     RoutingError,
     Unauthorized,
 )
-from loramix.serve._sched import Overloaded
 from loramix.serve.engine import GenerationFailed, RequestTimeout
 
 __all__ = ["ApiError", "error_body", "error_response", "install_error_handlers", "is_openai_path", "openai_error",

@@ -18,10 +18,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramix import __version__
-from loramix.serve._sched import FinishEvent, TokenEvent
-from loramix.serve.common import Generation, Principal, engine_of, get_principal, run_in_threadpool, sampling, settings_of
+from loramix.serve.common import (
+    Generation,
+    Principal,
+    engine_of,
+    get_principal,
+    run_in_threadpool,
+    sampling,
+    settings_of,
+)
 from loramix.serve.engine import MergeRecipe, Resolved
 from loramix.serve.errors import ApiError, error_body, status_of
+from loramix.serve.scheduler import FinishEvent, TokenEvent
 
 __all__ = ["router"]
 

@@ -19,10 +19,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramix.config import RouteConfig
-from loramix.serve._sched import FinishEvent
-from loramix.serve.common import Generation, Principal, engine_of, get_principal, run_in_threadpool, sampling, settings_of
+from loramix.serve.common import (
+    Generation,
+    Principal,
+    engine_of,
+    get_principal,
+    run_in_threadpool,
+    sampling,
+    settings_of,
+)
 from loramix.serve.engine import Engine, Resolved, last_user_text
 from loramix.serve.errors import ApiError, error_body, status_of
+from loramix.serve.scheduler import FinishEvent
 
 __all__ = ["router"]
 
