@@ -5,6 +5,8 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from loramix.errors import AccessDenied, AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError
 from loramix.store import Library
@@ -165,3 +167,43 @@ def test_audit_rows(lib):
     with pytest.raises(LibraryError, match="not JSON-serialisable"):
         lib.audit("add", detail={"x": object()})
     assert len(lib.audit_log(limit=None)) == 3  # the refused rows were not written
+
+
+OWNERS = [None, "alice", "bob"]
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(spec=st.lists(st.tuples(st.sampled_from(OWNERS), st.booleans()), min_size=0, max_size=6),
+       tenant=st.sampled_from([None, "alice", "bob", "carol"]))
+def test_visibility_matches_its_definition(tmp_path_factory, base_shapes, spec, tenant) -> None:
+    """For any mix of owners and flags: list, get and remove agree with `visible_to` and with each other."""
+    import torch
+
+    from loramix.lora import LoraWeights
+    from loramix.store.tenancy import visible_to
+
+    path, (n_in, n_out) = next(iter(sorted(base_shapes.items())))
+    w = LoraWeights(rank=1, alpha=1.0, layers={path: (torch.ones(1, n_in), torch.ones(n_out, 1))})
+    with Library(tmp_path_factory.mktemp("prop"), base_shapes=base_shapes) as lib:
+        recs = [lib.add_weights(w, f"a{i}", owner=o, public=p and o is not None) for i, (o, p) in enumerate(spec)]
+        want = [r.name for r in recs if visible_to(r.owner, r.public, tenant)]
+        assert names(lib.list(tenant=tenant)) == want
+        for r in recs:
+            if r.name in want:
+                assert lib.get(r.name, tenant=tenant).id == lib.get(r.id, tenant=tenant).id == r.id
+            else:
+                with pytest.raises(AdapterNotFound) as e:
+                    lib.get(r.name, tenant=tenant)
+                assert r.id not in str(e.value) and (r.owner or "") not in str(e.value).replace(str(lib.home), "")
+        for r in recs:
+            mine = tenant is None or r.owner == tenant
+            if r.name not in want:
+                with pytest.raises(AdapterNotFound):
+                    lib.remove(r.name, tenant=tenant)
+            elif not mine:
+                with pytest.raises(AccessDenied):
+                    lib.remove(r.name, tenant=tenant)
+            else:
+                lib.remove(r.name, tenant=tenant)
+        assert sorted(names(lib.list())) == sorted(r.name for r in recs if not (
+            r.name in want and (tenant is None or r.owner == tenant)))
