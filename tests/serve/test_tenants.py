@@ -301,3 +301,26 @@ def test_serve_cli_refuses_a_bad_keys_file_before_listening(tmp_path: Path, tiny
                           timeout=120, env=env)
     assert proc.returncode == 2, proc.stderr
     assert "admin is 1; expected true or false" in proc.stderr.replace("\n", " ")
+
+
+def test_a_client_that_goes_away_gives_its_slot_back(tmp_path: Path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text(json.dumps(KEYS_FILE))
+    engine = GatedEngine()
+    app = create_app(engine, ServeSettings(api_keys=keys, max_concurrent_per_key=1, max_new_tokens_cap=16))
+    body = {"model": "law", "max_tokens": 3, "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    alice = {"Authorization": f"Bearer {KEYS['alice']}"}
+    with ServerThread(app, free_port()) as st:
+        url = f"http://127.0.0.1:{st.server.config.port}"
+        fp = app.state.auth.keys.lookup(KEYS["alice"]).fingerprint
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its generation waits
+            httpx.post(url + "/v1/chat/completions", json=body, headers=alice, timeout=1.0)
+        assert app.state.auth.active(fp) == 1
+        assert httpx.post(url + "/v1/chat/completions", json=body, headers=alice).status_code == 429
+        engine.gate.set()  # the generation ends; its response goes nowhere; the slot must come back
+        t0 = time.monotonic()
+        while app.state.auth.active(fp) and time.monotonic() - t0 < 10:
+            time.sleep(0.05)
+        assert app.state.auth.active(fp) == 0
+        with httpx.stream("POST", url + "/v1/chat/completions", json=body, headers=alice) as s:
+            assert s.status_code == 200 and "[DONE]" in s.read().decode()
