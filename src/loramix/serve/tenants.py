@@ -6,7 +6,8 @@ tenant's private adapter behaves exactly as a missing one. An admin key may also
 actions: loading or unloading an adapter from a path on the server (``/v1/load_lora_adapter``,
 ``/v1/unload_lora_adapter``), reading ``/metrics`` (it names every running adapter) and every tenant's
 audit rows. An admin key with ``"tenant": null`` is the operator: no visibility filter, and its uploads
-go to the shared library. Non-admin keys must name a tenant.
+go to the shared library. Non-admin keys must name a tenant. Runtime adapters (loaded from a server path
+by an admin) are served to every tenant, like the shared library.
 
 Clients send ``Authorization: Bearer KEY``; on the LoRAX routes the ``parameters.api_token`` of the
 body is accepted too (lorax-client sends its ``api_token`` there). A missing or unknown key is 401, an
