@@ -422,10 +422,10 @@ def test_client_disconnect_cancels_the_request(stream: bool) -> None:
     with ServerThread(create_app(eng, ServeSettings()), free_port()) as st:
         url = f"http://127.0.0.1:{st.server.config.port}{CHAT}"
         body = {"model": "law", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
-        with pytest.raises(httpx.ReadTimeout):
-            with httpx.stream("POST", url, json=body, timeout=httpx.Timeout(5, read=0.5)) as r:
-                for _ in r.iter_lines():
-                    pass
+        with pytest.raises(httpx.ReadTimeout), \
+                httpx.stream("POST", url, json=body, timeout=httpx.Timeout(5, read=0.5)) as r:
+            for _ in r.iter_lines():
+                pass
         t0 = time.monotonic()
         while not (eng.handles and eng.handles[-1].cancelled) and time.monotonic() - t0 < 5:
             time.sleep(0.05)
