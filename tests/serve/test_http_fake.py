@@ -408,3 +408,25 @@ def test_stream_events_cancels_when_the_consumer_leaves_and_on_timeout() -> None
     with TestClient(create_app(eng, ServeSettings(request_timeout_s=0.05))) as c:
         r = chat(c)
         assert r.status_code == 408 and "timeout" in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_disconnect_cancels_the_request(stream: bool) -> None:
+    import time
+
+    import httpx
+
+    from tests.serve.conftest import ServerThread, free_port
+
+    eng = _Stalled()
+    with ServerThread(create_app(eng, ServeSettings()), free_port()) as st:
+        url = f"http://127.0.0.1:{st.server.config.port}{CHAT}"
+        body = {"model": "law", "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+        with pytest.raises(httpx.ReadTimeout), \
+                httpx.stream("POST", url, json=body, timeout=httpx.Timeout(5, read=0.5)) as r:
+            for _ in r.iter_lines():
+                pass
+        t0 = time.monotonic()
+        while not (eng.handles and eng.handles[-1].cancelled) and time.monotonic() - t0 < 5:
+            time.sleep(0.05)
+        assert eng.handles and eng.handles[-1].cancelled

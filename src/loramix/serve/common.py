@@ -3,6 +3,7 @@ running one generation to completion or as a stream of events."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class Generation:
                 await run_in_threadpool(self.engine.record, self.resolved, ev, self.tenant)
             yield ev
 
-    async def run(self) -> tuple[list[TokenEvent], FinishEvent]:
+    async def _collect(self) -> tuple[list[TokenEvent], FinishEvent]:
         toks: list[TokenEvent] = []
         async for ev in self.events():
             if isinstance(ev, FinishEvent):
@@ -104,4 +105,23 @@ class Generation:
                 return toks, ev
             toks.append(ev)
         raise GenerationFailed("the generation ended without a finish event")  # pragma: no cover
+
+    async def run(self, request: Request | None = None) -> tuple[list[TokenEvent], FinishEvent]:
+        """The whole generation; cancelled (the request leaves the batch) if ``request``'s client goes away."""
+        if request is None:
+            return await self._collect()
+        work = asyncio.ensure_future(self._collect())
+
+        async def gone() -> None:
+            while not await request.is_disconnected():
+                await asyncio.sleep(0.25)
+
+        watch = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():  # the client left: cancelling closes the event stream, which cancels the request
+                work.cancel()
+        return await work
 

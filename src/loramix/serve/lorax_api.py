@@ -149,7 +149,7 @@ def _response(body: GenerateRequest, toks: list[TokenEvent], fin: FinishEvent, s
 
 async def _generate(request: Request, body: GenerateRequest, who: Principal) -> tuple[dict[str, Any], Resolved]:
     gen, seed = await _prepare(request, body, who)
-    toks, fin = await gen.run()
+    toks, fin = await gen.run(request)
     return _response(body, toks, fin, seed), gen.resolved
 
 

@@ -139,14 +139,14 @@ def _headers(resolved: Resolved) -> dict[str, str]:
     return {"x-loramix-adapters": resolved.header()}
 
 
-async def _respond(gen: Generation, *, chat: bool, model: str, stream: bool, include_usage: bool,
+async def _respond(request: Request, gen: Generation, *, chat: bool, model: str, stream: bool, include_usage: bool,
                    echo: str = "") -> Any:
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
     created = int(time.time())
     kind = "chat.completion" if chat else "text_completion"
     extra = gen.resolved.to_dict()
     if not stream:
-        toks, fin = await gen.run()
+        toks, fin = await gen.run(request)
         text = echo + fin.text
         choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(fin.reason), "logprobs": None}
         if chat:
@@ -217,7 +217,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest,
     gen = await _prepare(request, body, who, messages=messages, prompt=None, max_tokens=max_tokens,
                          max_tokens_param="max_completion_tokens" if body.max_completion_tokens else "max_tokens")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(gen, chat=True, model=body.model or gen.engine.base_id, stream=bool(body.stream),
+    return await _respond(request, gen, chat=True, model=body.model or gen.engine.base_id, stream=bool(body.stream),
                           include_usage=include_usage)
 
 
@@ -233,6 +233,6 @@ async def completions(request: Request, body: CompletionRequest, who: Principal 
     gen = await _prepare(request, body, who, messages=None, prompt=prompt, max_tokens=body.max_tokens,
                          max_tokens_param="max_tokens")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await _respond(gen, chat=False, model=body.model or gen.engine.base_id, stream=bool(body.stream),
+    return await _respond(request, gen, chat=False, model=body.model or gen.engine.base_id, stream=bool(body.stream),
                           include_usage=include_usage, echo=prompt if body.echo else "")
 
