@@ -470,6 +470,37 @@ def test_a_failing_adapter_fails_only_its_requests(base: BaseModel, adapters: di
     assert mm.stats()["pinned"] == 0
 
 
+def test_a_failing_prefill_fails_only_its_row(base: BaseModel, adapters: dict[str, LoraWeights]) -> None:
+    """The prompts are prefilled together; when that call fails, each is retried alone."""
+    mm = mixer(base, adapters)
+    reqs = [greedy(base, i, MIXES[i], 4 + 3 * i, 8) for i in range(3)]
+    poison = next(t for t in range(3, 400) if all(t not in r.prompt_ids for r in reqs))
+    solo = Scheduler(mm)
+    want = [alone(solo, r)[0] for r in reqs]
+    solo.stop()
+    real_forward = mm.forward
+
+    def picky(batch: Any, **kw: Any) -> Any:
+        ids = kw["input_ids"]
+        if ids.shape[1] > 1 and bool((ids == poison).any()):
+            raise ValueError("this prompt upsets the model")
+        return real_forward(batch, **kw)
+
+    mm.forward = picky  # type: ignore[method-assign]
+    sched = Scheduler(mm)
+    rec = Recorder()
+    for i, r in enumerate(reqs):
+        sched.submit(r, rec(i))
+    sched.submit(GenRequest([5, poison, 6], MIXES[0], SamplingParams(max_new_tokens=8)), rec("bad"))
+    sched.start()
+    rec.wait()
+    sched.stop()
+    assert [rec.tokens(i) for i in range(3)] == want
+    bad = rec.finish("bad")
+    assert bad.reason == "error" and "upsets" in (bad.error or "") and bad.generated_tokens == 0
+    assert sched.stats().prefill_steps == 3  # the failed group call is not counted; 3 rows retried alone
+
+
 def test_a_raising_callback_cancels_only_its_request(base: BaseModel, adapters: dict[str, LoraWeights]) -> None:
     mm = mixer(base, adapters)
     sched = Scheduler(mm)
@@ -522,3 +553,34 @@ def test_lock_is_held_around_model_steps(base: BaseModel, adapters: dict[str, Lo
     rec.wait()
     assert rec.finish(1).reason == "length"
     sched.stop()
+
+
+def test_many_threads_submitting_at_once(base: BaseModel, adapters: dict[str, LoraWeights]) -> None:
+    """generate() from 8 client threads at once: every request completes with its alone tokens."""
+    mm = mixer(base, adapters)
+    reqs = [greedy(base, i, MIXES[i % len(MIXES)], 3 + i % 9, 4 + i % 7) for i in range(16)]
+    solo = Scheduler(mm)
+    want = [alone(solo, r)[0] for r in reqs]
+    solo.stop()
+    sched = Scheduler(mm, SchedulerConfig(max_batch=6))
+    got: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def client(k: int) -> None:
+        try:
+            for i in (k, k + 8):
+                toks, fin = sched.generate(reqs[i], timeout=30)
+                assert fin.reason == "length"
+                got[i] = [e.id for e in toks]
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    sched.stop()
+    assert not errors, errors
+    assert [got[i] for i in range(16)] == want
+    assert max(sched.stats().batch_sizes) > 1

@@ -399,7 +399,7 @@ class Scheduler:
         """One turn: drop cancelled rows, admit + prefill, one decode step. Whether anything happened."""
         with self.lock, torch.inference_mode(), maybe_autocast(self.mm.cfg.bf16):
             self._drop_cancelled(events)
-            new = self._admit(events)
+            new = self._admit()
             if new:
                 self._prefill(new, events)
             if self._batch.rows:
@@ -422,7 +422,7 @@ class Scheduler:
                     self._finish(r, "cancelled", events)
             self._keep([i for i, r in enumerate(rows) if not r.finished])
 
-    def _admit(self, events: list[tuple[_Req, Event]]) -> list[_Req]:
+    def _admit(self) -> list[_Req]:
         """Pop the requests to prefill now (FIFO; see the module docstring)."""
         room = self.cfg.max_batch - len(self._batch.rows)
         ids = set().union(*(r.ids for r in self._batch.rows))  # adapters of the running rows (pinned)
@@ -477,10 +477,11 @@ class Scheduler:
 
     # --- prefill -------------------------------------------------------------------------------------
     def _prefill(self, new: list[_Req], events: list[tuple[_Req, Event]]) -> None:
-        """Prefill ``new`` together; on failure, each row alone so only the failing ones fail."""
+        """Prefill ``new`` together, sample each row's first token and add the rows that go on to the batch.
+        When the model call fails, each row is retried alone so that only the failing ones fail."""
         self._release_mix()  # the composition changes; frees the running rows' pins for the prepare below
         try:
-            self._prefill_group(new, events)
+            done = self._prefill_forward(new, events)
         except Exception as e:
             if len(new) == 1:
                 log.warning("prefill failed: %s", _err(e))
@@ -489,8 +490,13 @@ class Scheduler:
             for r in new:
                 if not r.finished:
                     self._prefill([r], events)
+            return
+        if done is not None:
+            self._join(*done, events)
 
-    def _prefill_group(self, new: list[_Req], events: list[tuple[_Req, Event]]) -> None:
+    def _prefill_forward(self, new: list[_Req], events: list[tuple[_Req, Event]]
+                         ) -> tuple[list[_Req], DynamicCache, torch.Tensor, torch.Tensor] | None:
+        """One model call over the left-padded prompts: (rows, cache, mask (N, L), last logits (N, V))."""
         while True:
             try:
                 mix = self._prepare(new)
@@ -500,7 +506,7 @@ class Scheduler:
                     self._finish(r, "error", events, error=msg)
                 new = [r for r in new if not r.finished]
                 if not new:
-                    return
+                    return None
         try:
             n, L = len(new), max(len(r.req.prompt_ids) for r in new)
             ids = torch.full((n, L), self.pad_id, dtype=torch.long)  # (N, L) left-padded prompts
@@ -516,9 +522,13 @@ class Scheduler:
                                   past_key_values=cache, use_cache=True, logits_to_keep=1)
         finally:
             self.mm.release(mix)
+        return new, cache, mask, out.logits[:, -1].float()
+
+    def _join(self, new: list[_Req], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor,
+              events: list[tuple[_Req, Event]]) -> None:
+        """First tokens of prefilled rows (logits (N, V)); those that go on join the running batch."""
         self._count("prefill_steps")
         self._count("prompt_tokens", int(mask.sum()))
-        logits = out.logits[:, -1].float()  # (N, V)
         toks, lps = self._sample(new, logits)
         for r, t, lp in zip(new, toks, lps, strict=True):
             self._advance(r, t, lp, events)
