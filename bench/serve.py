@@ -11,6 +11,7 @@ Settings, timed round-robin over --repeats rounds (each round runs every setting
   c16_nobatch        16 clients, mixtures, the --max-batch 1 server
   c16_base           16 clients, base model only, batching server
 
+Every adapter is loaded into both servers once before timing (a 1-token request per 3 adapters).
 Per setting: aggregate generated tokens/s (all tokens / wall time), p50/p99 request latency and p50
 time to first token. Before timing, a parity check: a greedy mixture request alone must give the same
 tokens as the same request among 15 concurrent others (batched), and as on the no-batch server.
@@ -181,6 +182,16 @@ async def parity(batched: str, nobatch: str, names: list[str], new_tokens: int) 
     return bool(alone) and alone == crowd[0].get("text") == serial
 
 
+async def warm(batched: str, nobatch: str, names: list[str]) -> None:
+    """Load every adapter into both servers' slots once (one 1-token request per 3 adapters), so that
+    the timed settings measure serving, not first loads."""
+    for url in (batched, nobatch):
+        async with httpx.AsyncClient(base_url=url, timeout=3600) as c:
+            for i in range(0, len(names), 3):
+                group = names[i:i + 3]
+                await one(c, ",".join(f"{n}:{1 / len(group)}" for n in group), PROMPTS[0], 1)
+
+
 async def soak(url: str, names: list[str], seconds: float, new_tokens: int) -> dict[str, Any]:
     errors: list[str] = []
     tokens = 0
@@ -232,6 +243,7 @@ def main() -> None:
           flush=True)
     out: dict[str, Any] = {"adapters": len(names), "new_tokens": args.new_tokens, "rss_mb_start": round(batched.rss_mb(), 1)}
     try:
+        asyncio.run(warm(batched.url, nobatch.url, names))
         ok = asyncio.run(parity(batched.url, nobatch.url, names, args.new_tokens))
         out["parity_batched_equals_alone"] = ok
         print(f"parity (greedy alone == in a batch of 16 == no-batch server): {'OK' if ok else 'MISMATCH'}", flush=True)

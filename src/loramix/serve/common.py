@@ -100,8 +100,8 @@ class Generation:
         toks: list[TokenEvent] = []
         async for ev in self.events():
             if isinstance(ev, FinishEvent):
-                if ev.reason == "error":
-                    raise GenerationFailed(ev.error or "the generation failed")
+                if ev.reason in ("error", "cancelled"):
+                    raise GenerationFailed(ev.error or f"the generation was {ev.reason} (the server may be stopping)")
                 return toks, ev
             toks.append(ev)
         raise GenerationFailed("the generation ended without a finish event")  # pragma: no cover

@@ -198,6 +198,7 @@ class LocalEngine:
         self._runtime: dict[str, str] = {}  # vLLM-style runtime LoRA name -> in-memory adapter id
         self._merged: dict[str, str] = {}  # merge recipe key -> in-memory adapter id
         self._merge_lock = threading.Lock()
+        self._route_lock = threading.Lock()  # the router (lazy construction, index sync) is used one call at a time
         self._sched: Any = None
         self.started = time.time()
 
@@ -292,7 +293,8 @@ class LocalEngine:
     def route_obj(self, query: str, cfg: RouteConfig, tenant: str | None) -> Any:
         if not query.strip():
             raise ConfigError("nothing to route: the query (or last user message) is empty")
-        return self.lm.route(query, cfg, tenant=tenant)
+        with self._route_lock:
+            return self.lm.route(query, cfg, tenant=tenant)
 
     def route(self, query: str, cfg: RouteConfig, tenant: str | None) -> dict[str, Any]:
         d = self.route_obj(query, cfg, tenant).to_dict()
@@ -344,7 +346,7 @@ class LocalEngine:
                     tags: Sequence[str] = (), examples: Sequence[str] | None = None, public: bool = False) -> dict[str, Any]:
         if name in self._runtime or name == self.base_id or name == "auto":
             raise AdapterExists(f"the name {name!r} is taken (a runtime adapter, the base model or 'auto'); pick another")
-        with self.lm.lock:  # keying uses the encoder; arrow keys use the base
+        with self._route_lock:  # keying updates the router's index (arrow keys take the model lock themselves)
             rec = self.lm.add_adapter(folder, name, description=description, domain_tags=list(tags),
                                       examples=list(examples) if examples else None, owner=tenant,
                                       public=bool(public) and tenant is not None)
