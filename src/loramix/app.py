@@ -26,6 +26,7 @@ from loramix.store import AdapterRecord, Library
 if TYPE_CHECKING:  # keeps start-up light
     from loramix.mix import MixedModel
     from loramix.route import Route, Router
+    from loramix.store.tiers import AdapterCache
 
 
 @dataclass
@@ -71,7 +72,9 @@ class Loramix:
         self._router: Router | None = None
         self._base: BaseModel | None = None
         self._mixer: MixedModel | None = None
+        self._tier: AdapterCache | None = None
         self._lock = threading.RLock()  # one forward pass at a time through the shared mixer
+        self.extra_weights: dict[str, LoraWeights] = {}  # in-memory adapters (not in the library), by id
 
     # --- lazily built parts -------------------------------------------------------------------
     @property
@@ -103,18 +106,37 @@ class Loramix:
     def mixer(self) -> MixedModel:
         if self._mixer is None:
             from loramix.mix import MixedModel
+
+            self._mixer = MixedModel(self.base, self.load_weights, self.mix_cfg)
+        return self._mixer
+
+    @property
+    def lock(self) -> threading.RLock:
+        """Held around every use of the shared model (a scheduler shares it)."""
+        return self._lock
+
+    @property
+    def tier(self) -> AdapterCache:
+        """The in-memory adapter tier between the mixer's slots and the library's packs."""
+        if self._tier is None:
             from loramix.store.tiers import AdapterCache
 
-            self.tier = AdapterCache(self.library, self.mix_cfg.memory_bytes)  # slots <- memory <- packs
-            self._mixer = MixedModel(self.base, self.tier, self.mix_cfg)
-        return self._mixer
+            self._tier = AdapterCache(self.library, self.mix_cfg.memory_bytes)
+        return self._tier
+
+    def load_weights(self, adapter_id: str) -> LoraWeights:
+        """The mixer's loader: an in-memory adapter (a cached merge, a runtime LoRA) or a library one
+        (through the memory tier)."""
+        w = self.extra_weights.get(adapter_id)
+        return w if w is not None else self.tier(adapter_id)
 
     def stats(self) -> dict[str, Any]:
         """Live counters: slots (mixer), the in-memory adapter tier, the routing cache."""
         out: dict[str, Any] = {"time": time.time()}
         if self._mixer is not None:
             out["slots"] = self._mixer.stats() | {"loaded_ids": len(self._mixer.loaded)}
-            out["memory_tier"] = self.tier.stats()
+        if self._tier is not None:
+            out["memory_tier"] = self._tier.stats()
         if self._router is not None:
             out["route_cache"] = self._router.cache.stats()
         return out
@@ -132,12 +154,16 @@ class Loramix:
 
     # --- adapters -----------------------------------------------------------------------------
     def add_adapter(self, path: str | Path, name: str, description: str = "", domain_tags: Sequence[str] = (),
-                    skill_tags: Sequence[str] = (), examples: Sequence[str] | None = None) -> AdapterRecord:
-        """Import a PEFT LoRA folder, validated against the base model's shapes, and key it."""
+                    skill_tags: Sequence[str] = (), examples: Sequence[str] | None = None,
+                    owner: str | None = None, public: bool = False) -> AdapterRecord:
+        """Import a PEFT LoRA folder, validated against the base model's shapes, and key it.
+
+        ``owner``: the tenant it belongs to (None: the shared library); ``public``: visible to all tenants.
+        """
         lib = self.library
         lib.base_shapes = base_linear_shapes(self._base_arg)
         rec = lib.add(path, name, description=description, domain_tags=domain_tags, skill_tags=skill_tags,
-                      examples=list(examples) if examples else None)
+                      examples=list(examples) if examples else None, owner=owner, public=public)
         self.router.compute_key(rec.id)
         return self.library.get(rec.id)
 
@@ -146,12 +172,13 @@ class Loramix:
         self.router.compute_key(rec.id)
         return self.library.get(rec.id)
 
-    def remove_adapter(self, name: str) -> None:
-        rec = self.library.get(name)
-        self.library.remove(rec.id)
+    def remove_adapter(self, name: str, tenant: str | None = None) -> None:
+        rec = self.library.get(name, tenant=tenant)
+        self.library.remove(rec.id, tenant=tenant)
         if self._mixer is not None:
             self._mixer.evict(rec.id)
-            self.tier.forget(rec.id)
+        if self._tier is not None:
+            self._tier.forget(rec.id)
 
     def merge(self, names: Sequence[str], weights: Sequence[float], method: str, new_name: str,
               description: str = "", seed: int | None = 0, **kw: Any) -> AdapterRecord:
@@ -167,12 +194,14 @@ class Loramix:
                                 meta={"merged_from": [r.name for r in recs], "weights": list(weights), "method": method})
 
     # --- routing ------------------------------------------------------------------------------
-    def route(self, query: str, cfg: RouteConfig | None = None) -> Route:
-        return self.router.route(query, cfg or RouteConfig())
+    def route(self, query: str, cfg: RouteConfig | None = None, tenant: str | None = None) -> Route:
+        """The route among the adapters ``tenant`` may see (None: all of them)."""
+        return self.router.route(query, cfg or RouteConfig(), tenant=tenant)
 
-    def resolve(self, mixture: Sequence[tuple[str, float]]) -> list[tuple[AdapterRecord, float]]:
-        """Names or ids -> records, with a clear error for an unknown one."""
-        return [(self.library.get(n), w) for n, w in mixture]
+    def resolve(self, mixture: Sequence[tuple[str, float]],
+                tenant: str | None = None) -> list[tuple[AdapterRecord, float]]:
+        """Names or ids -> records, with a clear error for an unknown one (or one ``tenant`` may not see)."""
+        return [(self.library.get(n, tenant=tenant), w) for n, w in mixture]
 
     def _mixture_for(self, query: str, adapters: Sequence[tuple[str, float]] | None,
                      route: RouteConfig | None) -> tuple[list[tuple[str, float]], list[dict[str, Any]], float]:

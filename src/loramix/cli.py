@@ -13,6 +13,7 @@ from rich.table import Table
 
 from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig
 from loramix.errors import LoramixError
+from loramix.serve.settings import ServeSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="A library of LoRA adapters for one causal LM: route, mix, merge, train, generate.")
@@ -74,11 +75,20 @@ def adapters_add(path: Path, name: Annotated[str, typer.Option("--name")], home:
                  tags: Annotated[str, typer.Option("--tags", help="Domain tags, comma-separated.")] = "",
                  skills: Annotated[str, typer.Option("--skills", help="Skill tags, comma-separated.")] = "",
                  examples: Annotated[Path | None, typer.Option("--examples", help="Example inputs: one per line, or JSONL with 'text'.")] = None,
+                 tenant: Annotated[str | None, typer.Option("--tenant", help="Owner tenant (as in the server's --api-keys file); default: the shared library, visible to all.")] = None,
+                 public: Annotated[bool, typer.Option("--public", help="With --tenant: visible to every tenant (default private to its owner).")] = False,
                  as_json: Json = False) -> None:
-    """Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the library."""
+    """Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the library.
+
+    Names are unique across the whole library, all tenants included.
+    """
+    if public and tenant is None:
+        raise typer.BadParameter("--public needs --tenant: adapters without an owner are already visible to all")
     ex = _read_examples(examples) if examples else None
-    rec = _engine(home, base).add_adapter(path, name, description=description, domain_tags=_csv(tags),
-                                          skill_tags=_csv(skills), examples=ex)
+    eng = _engine(home, base)
+    rec = eng.add_adapter(path, name, description=description, domain_tags=_csv(tags),
+                          skill_tags=_csv(skills), examples=ex, owner=tenant, public=public)
+    eng.library.audit("add", tenant=tenant, adapter=rec.name, detail={"via": "cli", "public": public})
     if as_json:
         _print_json(rec.to_dict())
     else:
@@ -93,19 +103,22 @@ def _read_examples(path: Path) -> list[str]:
 
 
 @adapters_app.command("list")
-def adapters_list(home: Home = None, tags: Tags = "", as_json: Json = False,
+def adapters_list(home: Home = None, tags: Tags = "",
+                  tenant: Annotated[str | None, typer.Option("--tenant", help="Only what this tenant may see (shared, public and its own).")] = None,
+                  as_json: Json = False,
                   limit: Annotated[int, typer.Option("--limit", help="At most this many (0: all).")] = 100,
                   offset: Annotated[int, typer.Option("--offset", help="Skip this many first.")] = 0) -> None:
     """List the adapters in the library (a page of --limit at a time)."""
     from loramix.store import Library
 
-    recs = Library(home).list(tags=_csv(tags) or None, limit=limit or None, offset=offset)
+    recs = Library(home).list(tags=_csv(tags) or None, tenant=tenant, limit=limit or None, offset=offset)
     if as_json:
         _print_json([r.to_dict() for r in recs])
         return
-    table = Table("name", "id", "rank", "params", "tags", "uses", "description")
+    table = Table("name", "id", "rank", "params", "tags", "uses", "owner", "description")
     for r in recs:
-        table.add_row(r.name, r.id, str(r.rank), f"{r.n_params:,}", ",".join(r.tags), str(r.use_count),
+        owner = "shared" if r.owner is None else f"{r.owner} ({'public' if r.public else 'private'})"
+        table.add_row(r.name, r.id, str(r.rank), f"{r.n_params:,}", ",".join(r.tags), str(r.use_count), owner,
                       r.description[:60])
     out.print(table)
 
@@ -132,6 +145,27 @@ def adapters_rm(name: str, home: Home = None) -> None:
 
     Library(home).remove(name)
     console.print(f"removed {name}")
+
+
+@adapters_app.command("audit")
+def adapters_audit(home: Home = None, limit: Annotated[int, typer.Option("--limit", help="Newest rows to show.")] = 50,
+                   tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's actions.")] = None,
+                   as_json: Json = False) -> None:
+    """Show the audit log (every library change and generation, with its tenant and outcome), newest first."""
+    import datetime
+
+    from loramix.store import Library
+
+    rows = Library(home).audit_log(limit, tenant=tenant)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("time (UTC)", "tenant", "action", "adapter", "outcome", "detail")
+    for r in rows:
+        ts = datetime.datetime.fromtimestamp(r["ts"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(ts, r["tenant"] or "-", r["action"], r["adapter"] or "-", r["outcome"],
+                      json.dumps(r["detail"])[:60])
+    out.print(table)
 
 
 @adapters_app.command("export")
@@ -373,6 +407,39 @@ def quickstart(home: Home = None, base: Base = None,
     res = run_quickstart(home=home, base=base, steps=steps, quiet=as_json)
     if as_json:
         _print_json(res)
+
+_S = ServeSettings()
+
+
+@app.command("serve")
+def serve(home: Home = None, base: Base = None,
+          host: Annotated[str, typer.Option("--host", help="Address to bind; a non-loopback one needs --api-keys.")] = _S.host,
+          port: Annotated[int, typer.Option("--port")] = _S.port,
+          api_keys: Annotated[Path | None, typer.Option("--api-keys", help='JSON file {"KEY": {"tenant": NAME, "admin": false}}.')] = None,
+          max_batch: Annotated[int, typer.Option("--max-batch", help="Rows decoding together (1 = no batching).")] = _S.max_batch,
+          max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond this get 429.")] = _S.max_queue,
+          max_new_tokens_cap: Annotated[int, typer.Option("--max-new-tokens-cap", help="Requests asking more max_tokens get 400.")] = _S.max_new_tokens_cap,
+          default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", help="max_tokens when a request gives none.")] = _S.default_max_tokens,
+          max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longer prompts get 400.")] = _S.max_prompt_tokens,
+          max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="JSON request bodies above this get 413.")] = _S.max_body_bytes,
+          max_upload_bytes: Annotated[int, typer.Option("--max-upload-bytes", help="Adapter uploads above this get 413.")] = _S.max_upload_bytes,
+          request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a generation may run before it is cancelled.")] = _S.request_timeout_s,
+          max_concurrent_per_key: Annotated[int, typer.Option("--max-concurrent-per-key", help="Requests in flight per API key; more get 429.")] = _S.max_concurrent_per_key,
+          allow_lora_dir: Annotated[list[Path] | None, typer.Option("--allow-lora-dir", help="Folder /v1/load_lora_adapter may read from (repeatable).")] = None,
+          served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The base model's id in /v1/models (default: its folder name).")] = None,
+          capacity: Annotated[int, typer.Option("--capacity", help="Adapter slots kept loaded.")] = _M.capacity,
+          bf16: Bf16 = False,
+          log_level: Annotated[str, typer.Option("--log-level")] = "info") -> None:
+    """Serve the library over HTTP for OpenAI and LoRAX clients (FastAPI + uvicorn), batching requests."""
+    from loramix.serve.run import serve as run_serve
+
+    settings = ServeSettings(host=host, port=port, api_keys=api_keys, max_batch=max_batch, max_queue=max_queue,
+                             max_new_tokens_cap=max_new_tokens_cap, default_max_tokens=default_max_tokens,
+                             max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
+                             max_upload_bytes=max_upload_bytes, request_timeout_s=request_timeout,
+                             max_concurrent_per_key=max_concurrent_per_key,
+                             allow_lora_dirs=list(allow_lora_dir or []), served_model_name=served_model_name)
+    run_serve(settings, home=home, base=base, mix=MixConfig(capacity=capacity, bf16=bf16), log_level=log_level)
 
 
 from loramix.cli_scale import register as _register_scale  # noqa: E402  (import, compact, dedupe, prune, stats)

@@ -299,6 +299,8 @@ class AnnIndex:
         gen = int(getattr(lib, "generation", -2))
         if gen == self.lib_generation and gen >= 0 and keyed is None:
             return report
+        if keyed is None and self.ntotal == 0 and hasattr(lib, "iter_keys"):
+            return self._first_sync(lib, gen)  # an empty index: stream every key once, in insertion order
         if keyed is None:
             keyed = {r[0] for r in lib._read("SELECT adapter_id FROM keys")}
         have = set(self.ids())
@@ -324,6 +326,21 @@ class AnnIndex:
         self.lib_generation = gen
         if report.changed or self.folder is not None:
             self.save()
+        return report
+
+    def _first_sync(self, lib: Any, gen: int) -> SyncReport:
+        report = SyncReport()
+        n_total = int(lib._read("SELECT COUNT(*) FROM keys")[0][0])
+        for ids, mat in lib.iter_keys(batch_size=50_000):
+            if self.dim is None or self._index is None:
+                self._build(_to_u64(ids), np.asarray(mat, dtype=np.float32), _checksums(mat), expected=n_total)
+            else:
+                self.upsert(ids, mat)
+            report.added += ids
+            if n_total > 50_000:
+                self.save()  # a long first sync survives a kill: the next one resumes from here
+        self.lib_generation = gen
+        self.save()
         return report
 
     # --- queries ------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ SCALE_SCHEMA = (
     *(f"""CREATE TRIGGER IF NOT EXISTS gen_{name} AFTER {event} BEGIN
           UPDATE library_state SET value = value + 1 WHERE key = 'generation'; END"""
       for name, event in (("adapters_ins", "INSERT ON adapters"), ("adapters_del", "DELETE ON adapters"),
-                          ("adapters_upd", "UPDATE OF name, description, domain_tags, skill_tags, meta ON adapters"),
+                          ("adapters_upd", "UPDATE OF name, description, domain_tags, skill_tags, meta, owner, public ON adapters"),
                           ("keys_ins", "INSERT ON keys"), ("keys_upd", "UPDATE ON keys"),
                           ("keys_del", "DELETE ON keys"))),
     # when an adapter was last used (for prune): stamped whenever use_count changes
@@ -205,14 +205,18 @@ class ScaleMixin:
                          check_tags(item.skill_tags, "skill_tags"), check_texts(item.examples), check_meta(item.meta),
                          check_key(item.key) if item.key is not None else None)
 
-    def add_many(self, items: Iterable[NewAdapter], batch_size: int = BULK_BATCH,
-                 progress: Any = None) -> list[str]:
+    def add_many(self, items: Iterable[NewAdapter], batch_size: int = BULK_BATCH, progress: Any = None,
+                 owner: str | None = None, public: bool = False) -> list[str]:
         """Register many adapters, ``batch_size`` per transaction (all of a batch or none of it).
 
         Small adapters (nano ones always) go to pack files, bigger ones to blob files. Returns the new
         ids in order. A failing item (bad weights, a taken name) raises before its batch commits; the
-        batches before it stay committed. ``progress(n_done)`` is called after each batch.
+        batches before it stay committed. ``progress(n_done)`` is called after each batch. ``owner`` /
+        ``public`` (tenancy) apply to every item.
         """
+        from loramix.store.tenancy import check_public, check_tenant
+
+        owner, public = check_tenant(owner, "owner"), check_public(public)
         ids: list[str] = []
         chunk: list[_Prepared] = []
         names: set[str] = set()
@@ -223,17 +227,17 @@ class ScaleMixin:
             names.add(p.item.name)
             chunk.append(p)
             if len(chunk) >= batch_size:
-                ids += self._commit_batch(chunk)
+                ids += self._commit_batch(chunk, owner, public)
                 chunk = []
                 if progress is not None:
                     progress(len(ids))
         if chunk:
-            ids += self._commit_batch(chunk)
+            ids += self._commit_batch(chunk, owner, public)
             if progress is not None:
                 progress(len(ids))
         return ids
 
-    def _commit_batch(self, batch: list[_Prepared]) -> list[str]:
+    def _commit_batch(self, batch: list[_Prepared], owner: str | None, public: bool) -> list[str]:
         big = [p for p in batch if len(p.data) > MAX_ITEM_BYTES]
         placed: list[str] = []
         with self._lock:
@@ -246,13 +250,13 @@ class ScaleMixin:
                     taken = c.execute(f"SELECT name, id FROM adapters WHERE name IN ({','.join('?' * len(part))})",
                                       part).fetchone()
                     if taken is not None:
-                        raise self._exists_error(taken[0], taken[1])
+                        raise self._exists_error(taken[0], taken[1], owner)
                 for p in big:  # rare: a big LoRA goes to a blob file, placed while we hold the lock
                     tmp, _ = self.blobs.write_temp(p.data)  # type: ignore[attr-defined]
                     if self.blobs.place(tmp, p.sha):  # type: ignore[attr-defined]
                         placed.append(p.sha)
                 self.packs.append(c, [(p.sha, p.data) for p in batch if len(p.data) <= MAX_ITEM_BYTES])
-                ids = self._insert_batch(c, batch)
+                ids = self._insert_batch(c, batch, owner, public)
                 c.execute("COMMIT")
             except BaseException:
                 for sha in placed:
@@ -262,7 +266,8 @@ class ScaleMixin:
                 raise
         return ids
 
-    def _insert_batch(self, c: sqlite3.Connection, batch: list[_Prepared]) -> list[str]:
+    def _insert_batch(self, c: sqlite3.Connection, batch: list[_Prepared], owner: str | None,
+                      public: bool) -> list[str]:
         ids = [uuid.uuid4().hex[:16] for _ in batch]
         rows, tags, examples, keys = [], [], [], []
         for aid, p in zip(ids, batch, strict=True):
@@ -270,14 +275,14 @@ class ScaleMixin:
             rows.append((aid, p.item.name, p.item.description, dump_json(p.dtags, "domain_tags"),
                          dump_json(p.stags, "skill_tags"), int(w.rank), float(w.alpha),
                          dump_json(w.target_modules, "target_modules"), int(w.n_params), p.created, p.sha,
-                         p.meta_json, p.kind))
+                         p.meta_json, p.kind, owner, int(public)))
             tags += [(aid, t, "domain") for t in p.dtags] + [(aid, t, "skill") for t in p.stags]
             examples += [(aid, t) for t in p.texts]
             if p.vec is not None:
                 keys.append((aid, int(p.vec.size), p.vec.tobytes()))
         c.executemany("INSERT INTO adapters (id, name, description, domain_tags, skill_tags, rank, alpha, "
-                      "target_modules, n_params, created, use_count, blob, meta, kind) "
-                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?)", rows)
+                      "target_modules, n_params, created, use_count, blob, meta, kind, owner, public) "
+                      "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?)", rows)
         c.executemany("INSERT INTO tags (adapter_id, tag, kind) VALUES (?, ?, ?)", tags)
         c.executemany("INSERT INTO examples (adapter_id, text) VALUES (?, ?)", examples)
         c.executemany("INSERT INTO keys (adapter_id, dim, vec) VALUES (?, ?, ?)", keys)

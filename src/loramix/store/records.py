@@ -36,6 +36,8 @@ class AdapterRecord:
     blob: str  # sha256 hex of the safetensors file
     has_key: bool
     meta: dict[str, Any]
+    owner: str | None = None  # tenant name; None = the operator's shared library (visible to all)
+    public: bool = False  # an owned adapter visible to every tenant
     kind: str = "lora"  # "lora" or "nano" (loramix.nano)
 
     @property
@@ -52,6 +54,7 @@ class AdapterRecord:
                    rank=int(row["rank"]), alpha=float(row["alpha"]), target_modules=json.loads(row["target_modules"]),
                    n_params=int(row["n_params"]), created=float(row["created"]), use_count=int(row["use_count"]),
                    blob=row["blob"], has_key=bool(row["has_key"]), meta=json.loads(row["meta"]),
+                   owner=row["owner"], public=bool(row["public"]),
                    kind=row["kind"] if "kind" in row.keys() else "lora")  # noqa: SIM118 (Row: in = values)
 
 
