@@ -19,7 +19,8 @@ What it measures (the last line is one JSON object):
 - ``search_p50_ms`` / ``search_p99_ms``: one query's index search (k=3), held-out real passages as queries,
   embedded beforehand; ``recall_at_3`` against exact (brute-force) search over the same keys;
 - ``encode_p50_ms``: MiniLM embedding of one query (reported apart from the search);
-- ``cold_load_p50_ms``: ``lib.load`` of a random adapter not in memory (pack via mmap -> LoRA tensors);
+- ``cold_load_p50_ms``: ``lib.load`` of a random adapter not in memory (pack via mmap -> LoRA tensors, i.e.
+  including the nano -> LoRA expansion ``B = U M``); ``cold_load_nano_cores_p50_ms``: the cores alone;
   ``hot_load_p50_ms``: the same adapter from the in-memory tier (``AdapterCache``);
 - ``slot_hit_rate``: Zipf(alpha=1) traffic, 3 adapters per request, through the mixer's 100 slots;
 - ``rss_mib``: the process's resident memory with N registered, the index loaded and 100 adapters in slots;
@@ -302,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         tier(aid)
         hot.append((time.perf_counter() - t) * 1000)
+    cold_nano = []  # the cores alone (what a summed-core nano mixer would need), other adapters
+    for i in rng.choice(len(live_u64), 200, replace=False):
+        t = time.perf_counter()
+        lib.load_nano(aid(i))
+        cold_nano.append((time.perf_counter() - t) * 1000)
+    res["cold_load_nano_cores_p50_ms"] = round(pct(cold_nano, 50), 4)
     res["cold_load_p50_ms"] = round(pct(cold, 50), 4)
     res["hot_load_p50_ms"] = round(pct(hot, 50), 5)
     log(f"load cold p50 {res['cold_load_p50_ms']} ms, hot p50 {res['hot_load_p50_ms']} ms")
