@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-per-domain", type=int, default=12)
     p.add_argument("--seq-len", type=int, default=96)
     p.add_argument("--lora-lr", type=float, default=1e-3)
-    p.add_argument("--nano-lrs", default="5e-3,2e-2")
+    p.add_argument("--nano-lrs", default="1e-1,3e-1")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--base", default=None)
     p.add_argument("--nano-suffix", default="", help="name nano experts <domain>-nano<suffix> (a second lr sweep "
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             best = None
             for lr in lrs:
-                cfg = TrainConfig(kind=kind, alpha=2.0 * args.rank, lr=lr, **common)
+                cfg = TrainConfig(kind=kind, alpha=2.0 * args.rank, lr=lr, nano_lr=lr, **common)
                 if kind == "lora":
                     w, rep = train_expert(base_path, texts, cfg, progress=False)
                 else:

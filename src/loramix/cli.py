@@ -291,7 +291,8 @@ def train_adapter(name: Annotated[str, typer.Option("--name")],
                   steps: Annotated[int, typer.Option("--steps")] = _T.steps,
                   kind: Annotated[str, typer.Option("--kind", help="lora, or nano: r x r cores over the base's SVD basis (~1% of LoRA's size).")] = _T.kind,
                   rank: Annotated[int, typer.Option("--rank")] = _T.rank,
-                  lr: Annotated[float, typer.Option("--lr")] = _T.lr,
+                  lr: Annotated[float, typer.Option("--lr", help="Learning rate (LoRA).")] = _T.lr,
+                  nano_lr: Annotated[float, typer.Option("--nano-lr", help="Learning rate of nano cores (--kind nano).")] = _T.nano_lr,
                   batch_size: Annotated[int, typer.Option("--batch-size")] = _T.batch_size,
                   seq_len: Annotated[int, typer.Option("--seq-len")] = _T.seq_len,
                   max_examples: Annotated[int, typer.Option("--max-examples")] = _T.max_examples,
@@ -300,7 +301,7 @@ def train_adapter(name: Annotated[str, typer.Option("--name")],
     from loramix.train.corpora import load_source
 
     texts = load_source(data, limit=max_examples)
-    cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, batch_size=batch_size, seq_len=seq_len,
+    cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, nano_lr=nano_lr, batch_size=batch_size, seq_len=seq_len,
                       max_examples=max_examples)
     rec, report = _engine(home, base).train_adapter(name, texts, cfg, description=description or f"expert trained on {data}",
                                                     domain_tags=_csv(tags), source=data, progress=not as_json)
@@ -320,7 +321,8 @@ def train_experts(data: Annotated[str, typer.Option("--data", help="Unlabelled t
                   steps: Annotated[int, typer.Option("--steps")] = _T.steps,
                   kind: Annotated[str, typer.Option("--kind", help="lora, or nano: r x r cores over the base's SVD basis (~1% of LoRA's size).")] = _T.kind,
                   rank: Annotated[int, typer.Option("--rank")] = _T.rank,
-                  lr: Annotated[float, typer.Option("--lr")] = _T.lr,
+                  lr: Annotated[float, typer.Option("--lr", help="Learning rate (LoRA).")] = _T.lr,
+                  nano_lr: Annotated[float, typer.Option("--nano-lr", help="Learning rate of nano cores (--kind nano).")] = _T.nano_lr,
                   batch_size: Annotated[int, typer.Option("--batch-size")] = _T.batch_size,
                   seq_len: Annotated[int, typer.Option("--seq-len")] = _T.seq_len,
                   max_examples: Annotated[int, typer.Option("--max-examples", help="Texts read and clustered, at most.")] = _T.max_examples,
@@ -335,7 +337,7 @@ def train_experts(data: Annotated[str, typer.Option("--data", help="Unlabelled t
     from loramix.train.experts import train_experts as run
 
     texts, labels = load_texts(data, limit=max_examples, seed=seed)
-    cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, batch_size=batch_size, seq_len=seq_len,
+    cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, nano_lr=nano_lr, batch_size=batch_size, seq_len=seq_len,
                       max_examples=max_examples, seed=seed)
     res = run(_engine(home, base), texts, n, cfg, prefix=prefix, seed=seed, true_labels=labels, source=data,
               progress=not as_json, log=None if as_json else lambda m: console.print(f"[dim]{m}[/]"))

@@ -136,7 +136,7 @@ def test_train_nano_learns_and_reuses_basis(tmp_path, tiny_base_dir):
     from loramix.testing import HashEncoder  # no MiniLM in unit tests
 
     eng._router = Router(eng.library, HashEncoder())
-    cfg = TrainConfig(kind="nano", rank=4, steps=12, batch_size=4, seq_len=16, lr=2e-2, layers_from=0.0)
+    cfg = TrainConfig(kind="nano", rank=4, steps=12, batch_size=4, seq_len=16, nano_lr=2e-2, layers_from=0.0)
     rec, report = eng.train_adapter("trees", texts, cfg, progress=False)
     assert rec.kind == "nano" and rec.n_params == 16 * 7 * 2  # 7 linear layers x 2 blocks, r x r each
     assert report["eval_loss_after"] < report["eval_loss_before"]

@@ -105,7 +105,7 @@ def train_nano(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | N
     start = time.perf_counter()
     before = _eval_loss(model, eval_rows, cfg.batch_size)
     params = [layer.core for layer in layers.values()]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=cfg.nano_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))
