@@ -29,9 +29,9 @@ from loramix.config import (
     home_dir,
 )
 from loramix.errors import ConfigError, short
-from loramix.store.faults import fault
 from loramix.lora import LoraWeights
 from loramix.store import AdapterRecord, Library
+from loramix.store.faults import fault
 
 if TYPE_CHECKING:  # keeps start-up light
     from loramix.mix import MixedModel

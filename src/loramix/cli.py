@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -13,7 +14,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, ScoreConfig, TrainConfig, offline_env
+from loramix.config import (
+    GenerateConfig,
+    MixConfig,
+    RefineConfig,
+    RouteConfig,
+    ScoreConfig,
+    TrainConfig,
+    offline_env,
+)
 from loramix.errors import ConfigError, LoramixError, one_line, short
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -477,12 +486,9 @@ def main() -> None:
         code = 130
     except BrokenPipeError:
         code = 0
-    with_flush = [sys.stdout, sys.stderr]
-    for stream in with_flush:
-        try:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     import logging
 
     logging.shutdown()
