@@ -486,6 +486,9 @@ def main() -> None:
         code = 130
     except BrokenPipeError:
         code = 0
+    except OSError as e:  # the environment, not a bug: unreadable or unwritable paths, a full disk
+        _fail(f"{type(e).__name__}: {e}")
+        code = 1
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
