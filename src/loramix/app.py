@@ -32,6 +32,7 @@ from loramix.errors import ConfigError, short
 from loramix.lora import LoraWeights
 from loramix.store import AdapterRecord, Library
 from loramix.store.faults import fault
+from loramix.store.peft_io import check_folder
 from loramix.store.records import check_name
 
 if TYPE_CHECKING:  # keeps start-up light
@@ -147,7 +148,8 @@ class Loramix:
     def add_adapter(self, path: str | Path, name: str, description: str = "", domain_tags: Sequence[str] = (),
                     skill_tags: Sequence[str] = (), examples: Sequence[str] | None = None) -> AdapterRecord:
         """Import a PEFT LoRA folder, validated against the base model's shapes, and key it."""
-        check_name(name)  # before loading the base model's config
+        check_name(name)  # the cheap checks first: loading the base model's config takes seconds
+        check_folder(path)
         lib = self.library
         lib.base_shapes = base_linear_shapes(self._base_arg)
         rec = lib.add(path, name, description=description, domain_tags=domain_tags, skill_tags=skill_tags,

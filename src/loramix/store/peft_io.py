@@ -72,16 +72,8 @@ def read_peft_dir(path: str | Path, base_shapes: Mapping[str, tuple[int, int]] |
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise InvalidAdapter(f"{short(str(folder))} is not a folder; expected a PEFT LoRA folder with {CONFIG_NAME} "
-                             f"and {WEIGHTS_NAME}")
-    check_entries(folder)
+    folder = check_folder(path)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise InvalidAdapter(f"{short(str(folder))} has no {p.name}; expected a PEFT LoRA folder with "
-                                 f"{CONFIG_NAME} and {WEIGHTS_NAME}")
     _check_size(cfg_path, MAX_CONFIG_BYTES, "the adapter_config.json limit (MAX_CONFIG_BYTES)")
     _check_size(w_path, max_bytes, "the library's max_bytes")
     config = _read_config(cfg_path)
@@ -93,6 +85,22 @@ def read_peft_dir(path: str | Path, base_shapes: Mapping[str, tuple[int, int]] |
     weights = LoraWeights.from_peft_state_dict(canonical_state(state), config)
     validate_weights(weights, base_shapes)
     return weights
+
+
+def check_folder(path: str | Path) -> Path:
+    """The cheap checks, before anything is read: a folder holding the two files, no symlink, no pickle."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InvalidAdapter(f"{short(str(folder))} is not a folder; expected a PEFT LoRA folder with {CONFIG_NAME} "
+                             f"and {WEIGHTS_NAME}")
+    for i, name in enumerate((CONFIG_NAME, WEIGHTS_NAME)):  # no config: not an adapter folder (say so first)
+        if i == 1:
+            check_entries(folder)  # a pickle beside the config says more than "no safetensors file"
+        p = folder / name
+        if not p.is_file():
+            raise InvalidAdapter(f"{short(str(folder))} has no {name}; expected a PEFT LoRA "
+                                 f"folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return folder
 
 
 def _read_config(cfg_path: Path) -> dict[str, Any]:
