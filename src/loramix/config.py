@@ -14,9 +14,18 @@ from pathlib import Path
 
 from loramix.errors import ConfigError
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def offline_env() -> None:
+    """Keep Hugging Face libraries off the network (nothing may reach a model hub at run time).
+
+    Called by the CLI's entry point and by every loader right before it imports transformers or
+    sentence-transformers (which read these variables when first imported); a value the user set wins.
+    Never called at import time.
+    """
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def home_dir(home: str | Path | None = None) -> Path:
@@ -106,6 +115,30 @@ class TrainConfig:
             raise ConfigError(f"layers_from must be in [0, 1), got {self.layers_from}")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("steps and batch_size must be >= 1 and seq_len >= 8")
+
+
+MAX_WEIGHT = 100.0  # |mixture or merge weight| above this is refused (1e308 overflows the mixer to inf/NaN)
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring a text: long texts are cut into windows, and memory stays bounded whatever the length."""
+
+    max_len: int = 512  # tokens per window (1 token of overlap carries context across windows)
+    max_tokens: int = 32768  # longer texts are refused (naming this limit) rather than scored for minutes
+    logits_mib: int = 256  # rows per forward pass are chosen so their float32 logits fit in this many MiB
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ConfigError(f"max_len must be at least 2, got {self.max_len}")
+        if self.max_tokens < 2 or self.logits_mib < 1:
+            raise ConfigError("max_tokens must be >= 2 and logits_mib >= 1")
+
+    @property
+    def max_chars(self) -> int:
+        """Texts with more characters are refused before tokenizing: a BPE token averages 3-5 characters and
+        rarely exceeds 16, so such a text is surely over ``max_tokens``."""
+        return 16 * self.max_tokens
 
 
 REFINE_ACTIONS = ("widen", "drop", "base", "auto")

@@ -198,6 +198,9 @@ def _build_head(path: Path) -> TrainedHead:
                        keys.astype(np.float32), float(np.exp(float(t["log_temperature"]))), config,
                        row={a: i for i, a in enumerate(ids)})
     if config.get("finetuned_encoder"):
+        from loramix.config import offline_env
+
+        offline_env()
         from sentence_transformers import SentenceTransformer
 
         enc_dir = path.parent / ENCODER_DIR

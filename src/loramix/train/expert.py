@@ -59,6 +59,9 @@ def _eval_loss(model, rows: torch.Tensor, batch_size: int) -> float:
 def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | None = None,
                  progress: bool = True, description: str = "") -> tuple[LoraWeights, TrainReport]:
     """LoRA-train the base on ``texts``; returns the adapter and eval losses before and after."""
+    from loramix.config import offline_env
+
+    offline_env()
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     cfg = cfg or TrainConfig()
