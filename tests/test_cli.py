@@ -92,3 +92,20 @@ def test_errors_are_clear_and_exit_2(env: dict[str, str], tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, "-m", "loramix.cli", "adapters", "show", "nope"],
                           capture_output=True, text=True, env={**env, "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "nope" in proc.stderr
+
+
+def test_adapters_add_with_tenant_and_public(env: dict[str, str], tiny_base_dir: Path, tmp_path: Path) -> None:
+    src = peft_dir(tiny_base_dir, tmp_path / "p", 3, ["q_proj"])
+    run("adapters", "add", str(src), "--name", "shared-one", "--description", "shared")
+    mine = json.loads(run("adapters", "add", str(src), "--name", "alice-private", "--tenant", "alice", "--json"))
+    pub = json.loads(run("adapters", "add", str(src), "--name", "alice-public", "--tenant", "alice", "--public",
+                         "--json"))
+    assert (mine["owner"], mine["public"], pub["owner"], pub["public"]) == ("alice", False, "alice", True)
+    bob_sees = {a["name"] for a in json.loads(run("adapters", "list", "--tenant", "bob", "--json"))}
+    assert bob_sees == {"shared-one", "alice-public"}
+    assert len(json.loads(run("adapters", "list", "--json"))) == 3
+    audit = json.loads(run("adapters", "audit", "--tenant", "alice", "--json"))
+    assert [(r["action"], r["adapter"]) for r in audit] == [("add", "alice-public"), ("add", "alice-private")]
+    assert "alice-public" in run("adapters", "audit")
+    res = CliRunner().invoke(app, ["adapters", "add", str(src), "--name", "x", "--public"])
+    assert res.exit_code != 0 and "--public needs --tenant" in res.output

@@ -122,12 +122,16 @@ class Loramix:
 
     # --- adapters -----------------------------------------------------------------------------
     def add_adapter(self, path: str | Path, name: str, description: str = "", domain_tags: Sequence[str] = (),
-                    skill_tags: Sequence[str] = (), examples: Sequence[str] | None = None) -> AdapterRecord:
-        """Import a PEFT LoRA folder, validated against the base model's shapes, and key it."""
+                    skill_tags: Sequence[str] = (), examples: Sequence[str] | None = None,
+                    owner: str | None = None, public: bool = False) -> AdapterRecord:
+        """Import a PEFT LoRA folder, validated against the base model's shapes, and key it.
+
+        ``owner``: the tenant it belongs to (None: the shared library); ``public``: visible to all tenants.
+        """
         lib = self.library
         lib.base_shapes = base_linear_shapes(self._base_arg)
         rec = lib.add(path, name, description=description, domain_tags=domain_tags, skill_tags=skill_tags,
-                      examples=list(examples) if examples else None)
+                      examples=list(examples) if examples else None, owner=owner, public=public)
         self.router.compute_key(rec.id)
         return self.library.get(rec.id)
 
@@ -136,9 +140,9 @@ class Loramix:
         self.router.compute_key(rec.id)
         return self.library.get(rec.id)
 
-    def remove_adapter(self, name: str) -> None:
-        rec = self.library.get(name)
-        self.library.remove(rec.id)
+    def remove_adapter(self, name: str, tenant: str | None = None) -> None:
+        rec = self.library.get(name, tenant=tenant)
+        self.library.remove(rec.id, tenant=tenant)
         if self._mixer is not None:
             self._mixer.evict(rec.id)
 
@@ -156,12 +160,14 @@ class Loramix:
                                 meta={"merged_from": [r.name for r in recs], "weights": list(weights), "method": method})
 
     # --- routing ------------------------------------------------------------------------------
-    def route(self, query: str, cfg: RouteConfig | None = None) -> Route:
-        return self.router.route(query, cfg or RouteConfig())
+    def route(self, query: str, cfg: RouteConfig | None = None, tenant: str | None = None) -> Route:
+        """The route among the adapters ``tenant`` may see (None: all of them)."""
+        return self.router.route(query, cfg or RouteConfig(), tenant=tenant)
 
-    def resolve(self, mixture: Sequence[tuple[str, float]]) -> list[tuple[AdapterRecord, float]]:
-        """Names or ids -> records, with a clear error for an unknown one."""
-        return [(self.library.get(n), w) for n, w in mixture]
+    def resolve(self, mixture: Sequence[tuple[str, float]],
+                tenant: str | None = None) -> list[tuple[AdapterRecord, float]]:
+        """Names or ids -> records, with a clear error for an unknown one (or one ``tenant`` may not see)."""
+        return [(self.library.get(n, tenant=tenant), w) for n, w in mixture]
 
     def _mixture_for(self, query: str, adapters: Sequence[tuple[str, float]] | None,
                      route: RouteConfig | None) -> tuple[list[tuple[str, float]], list[dict[str, Any]], float]:

@@ -75,11 +75,20 @@ def adapters_add(path: Path, name: Annotated[str, typer.Option("--name")], home:
                  tags: Annotated[str, typer.Option("--tags", help="Domain tags, comma-separated.")] = "",
                  skills: Annotated[str, typer.Option("--skills", help="Skill tags, comma-separated.")] = "",
                  examples: Annotated[Path | None, typer.Option("--examples", help="Example inputs: one per line, or JSONL with 'text'.")] = None,
+                 tenant: Annotated[str | None, typer.Option("--tenant", help="Owner tenant (as in the server's --api-keys file); default: the shared library, visible to all.")] = None,
+                 public: Annotated[bool, typer.Option("--public", help="With --tenant: visible to every tenant (default private to its owner).")] = False,
                  as_json: Json = False) -> None:
-    """Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the library."""
+    """Import a PEFT LoRA folder (adapter_config.json + adapter_model.safetensors) into the library.
+
+    Names are unique across the whole library, all tenants included.
+    """
+    if public and tenant is None:
+        raise typer.BadParameter("--public needs --tenant: adapters without an owner are already visible to all")
     ex = _read_examples(examples) if examples else None
-    rec = _engine(home, base).add_adapter(path, name, description=description, domain_tags=_csv(tags),
-                                          skill_tags=_csv(skills), examples=ex)
+    eng = _engine(home, base)
+    rec = eng.add_adapter(path, name, description=description, domain_tags=_csv(tags),
+                          skill_tags=_csv(skills), examples=ex, owner=tenant, public=public)
+    eng.library.audit("add", tenant=tenant, adapter=rec.name, detail={"via": "cli", "public": public})
     if as_json:
         _print_json(rec.to_dict())
     else:
@@ -94,17 +103,20 @@ def _read_examples(path: Path) -> list[str]:
 
 
 @adapters_app.command("list")
-def adapters_list(home: Home = None, tags: Tags = "", as_json: Json = False) -> None:
+def adapters_list(home: Home = None, tags: Tags = "",
+                  tenant: Annotated[str | None, typer.Option("--tenant", help="Only what this tenant may see (shared, public and its own).")] = None,
+                  as_json: Json = False) -> None:
     """List the adapters in the library."""
     from loramix.store import Library
 
-    recs = Library(home).list(tags=_csv(tags) or None)
+    recs = Library(home).list(tags=_csv(tags) or None, tenant=tenant)
     if as_json:
         _print_json([r.to_dict() for r in recs])
         return
-    table = Table("name", "id", "rank", "params", "tags", "uses", "description")
+    table = Table("name", "id", "rank", "params", "tags", "uses", "owner", "description")
     for r in recs:
-        table.add_row(r.name, r.id, str(r.rank), f"{r.n_params:,}", ",".join(r.tags), str(r.use_count),
+        owner = "shared" if r.owner is None else f"{r.owner} ({'public' if r.public else 'private'})"
+        table.add_row(r.name, r.id, str(r.rank), f"{r.n_params:,}", ",".join(r.tags), str(r.use_count), owner,
                       r.description[:60])
     out.print(table)
 
@@ -131,6 +143,27 @@ def adapters_rm(name: str, home: Home = None) -> None:
 
     Library(home).remove(name)
     console.print(f"removed {name}")
+
+
+@adapters_app.command("audit")
+def adapters_audit(home: Home = None, limit: Annotated[int, typer.Option("--limit", help="Newest rows to show.")] = 50,
+                   tenant: Annotated[str | None, typer.Option("--tenant", help="Only this tenant's actions.")] = None,
+                   as_json: Json = False) -> None:
+    """Show the audit log (every library change and generation, with its tenant and outcome), newest first."""
+    import datetime
+
+    from loramix.store import Library
+
+    rows = Library(home).audit_log(limit, tenant=tenant)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table("time (UTC)", "tenant", "action", "adapter", "outcome", "detail")
+    for r in rows:
+        ts = datetime.datetime.fromtimestamp(r["ts"], datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        table.add_row(ts, r["tenant"] or "-", r["action"], r["adapter"] or "-", r["outcome"],
+                      json.dumps(r["detail"])[:60])
+    out.print(table)
 
 
 @adapters_app.command("export")
@@ -387,6 +420,7 @@ def serve(home: Home = None, base: Base = None,
           max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="JSON request bodies above this get 413.")] = _S.max_body_bytes,
           max_upload_bytes: Annotated[int, typer.Option("--max-upload-bytes", help="Adapter uploads above this get 413.")] = _S.max_upload_bytes,
           request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a generation may run before it is cancelled.")] = _S.request_timeout_s,
+          max_concurrent_per_key: Annotated[int, typer.Option("--max-concurrent-per-key", help="Requests in flight per API key; more get 429.")] = _S.max_concurrent_per_key,
           allow_lora_dir: Annotated[list[Path] | None, typer.Option("--allow-lora-dir", help="Folder /v1/load_lora_adapter may read from (repeatable).")] = None,
           served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The base model's id in /v1/models (default: its folder name).")] = None,
           capacity: Annotated[int, typer.Option("--capacity", help="Adapter slots kept loaded.")] = _M.capacity,
@@ -399,6 +433,7 @@ def serve(home: Home = None, base: Base = None,
                              max_new_tokens_cap=max_new_tokens_cap, default_max_tokens=default_max_tokens,
                              max_prompt_tokens=max_prompt_tokens, max_body_bytes=max_body_bytes,
                              max_upload_bytes=max_upload_bytes, request_timeout_s=request_timeout,
+                             max_concurrent_per_key=max_concurrent_per_key,
                              allow_lora_dirs=list(allow_lora_dir or []), served_model_name=served_model_name)
     run_serve(settings, home=home, base=base, mix=MixConfig(capacity=capacity, bf16=bf16), log_level=log_level)
 

@@ -14,7 +14,9 @@ one type. The tree::
     ├── MixError               the mixer can't apply a mixture (too many adapters for the slots, ...)
     ├── TrainingError          training data or a training run is unusable
     ├── MergeError             adapters can't be merged (different targets for a method that needs equal ones, ...)
-    └── Overloaded             the server's queue is full or it is stopping; a retry later makes sense
+    ├── Overloaded             the server's queue is full or it is stopping; a retry later makes sense
+    ├── Unauthorized           no API key, or an unknown one (HTTP 401)
+    └── AccessDenied           the caller may not do this (admin-only action, another's adapter) (HTTP 403)
 
 Messages name the problem and what was expected, e.g.
 ``InvalidAdapter: layer model.layers.0.self_attn.q_proj: lora_A has shape (8, 512), expected (8, 576)``.
@@ -72,3 +74,11 @@ class MergeError(LoramixError):
 
 class Overloaded(LoramixError):
     """The server is at capacity (its queue is full, or it is shutting down); retrying later makes sense."""
+
+
+class Unauthorized(LoramixError):
+    """The request carries no API key, or one the server does not know (HTTP 401)."""
+
+
+class AccessDenied(LoramixError, PermissionError):
+    """The caller is known but may not do this: an admin-only action, deleting a shared adapter (HTTP 403)."""

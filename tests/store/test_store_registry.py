@@ -182,9 +182,9 @@ def test_schema(lib):
     conn = sqlite3.connect(lib.db_path)
     cols = [r[1] for r in conn.execute("PRAGMA table_info(adapters)")]
     assert cols == ["id", "name", "description", "domain_tags", "skill_tags", "rank", "alpha", "target_modules",
-                    "n_params", "created", "use_count", "blob", "meta"]
+                    "n_params", "created", "use_count", "blob", "meta", "owner", "public"]
     assert [r[1] for r in conn.execute("PRAGMA table_info(keys)")] == ["adapter_id", "dim", "vec"]
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     plan = " ".join(r[-1] for r in conn.execute("EXPLAIN QUERY PLAN SELECT id FROM adapters WHERE name = 'x'"))
     assert "USING INDEX" in plan or "USING COVERING INDEX" in plan
@@ -218,10 +218,10 @@ def test_open_is_cheap_with_many_rows(tmp_path, monkeypatch):
     """100k rows: opening reads no adapter rows, keys or blobs; get/list/len are indexed SQL."""
     Library(tmp_path / "big").close()
     conn = sqlite3.connect(tmp_path / "big" / "registry.sqlite")
-    rows = [(f"{i:016x}"[::-1], f"name{i}", "", "[]", "[]", 4, 8.0, "[]", 10, 0.0, 0, "0" * 64, "{}")
+    rows = [(f"{i:016x}"[::-1], f"name{i}", "", "[]", "[]", 4, 8.0, "[]", 10, 0.0, 0, "0" * 64, "{}", None, 0)
             for i in range(100_000)]
     with conn:
-        conn.executemany("INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
+        conn.executemany("INSERT INTO adapters VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", rows)
     conn.close()
 
     def forbidden(*a, **k):

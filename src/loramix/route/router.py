@@ -2,8 +2,8 @@
 
 A strategy is a function ``fn(router, queries, qvecs, cfg, allowed) -> list[list[(adapter id, score)]]``
 returning, per query, candidates ranked best first (at least ``cfg.k`` when it can). ``qvecs`` are the
-queries' unit embeddings ``(n, d)``; ``allowed`` is the set of adapter ids passing ``cfg.tags`` (None
-when there is no tag filter). The router then drops candidates under ``cfg.min_score``, keeps the top
+queries' unit embeddings ``(n, d)``; ``allowed`` is the set of adapter ids passing ``cfg.tags`` and
+visible to the caller's tenant (None when there is neither filter). The router then drops candidates under ``cfg.min_score``, keeps the top
 ``cfg.k`` and turns their scores into weights with :func:`softmax_weights`. Add strategies with
 :func:`register_strategy`.
 """
@@ -97,12 +97,18 @@ class _Meta:
     tag_terms: tuple[tuple[str, ...], ...]  # each tag as normalised words, for the tags strategy
     has_key: bool
     record: Any
+    owner: str | None = None  # tenant name; None = the operator's shared library
+    public: bool = False
+
+    def visible_to(self, tenant: str | None) -> bool:
+        return tenant is None or self.owner is None or self.public or self.owner == tenant
 
 
 def _meta(rec: Any) -> _Meta:
     tags = [str(t) for t in (getattr(rec, "tags", None) or [*rec.domain_tags, *rec.skill_tags])]
     terms = tuple(t for t in (tuple(normalize_word(w) for w in tokenize(tag)) for tag in tags) if t)
-    return _Meta(rec.name, frozenset(t.lower() for t in tags), terms, bool(rec.has_key), rec)
+    return _Meta(rec.name, frozenset(t.lower() for t in tags), terms, bool(rec.has_key), rec,
+                 getattr(rec, "owner", None), bool(getattr(rec, "public", False)))
 
 
 def _spread(items: list[str], n: int) -> list[str]:
@@ -261,6 +267,15 @@ class Router:
         want = {t.lower() for t in tags}
         return {a for a in self.index.ids() if a in self._meta and want <= self._meta[a].tags}
 
+    def visible_ids(self, tenant: str | None) -> set[str] | None:
+        """Keyed adapters ``tenant`` may route to (None: no filter, for tenant None or when all are visible)."""
+        if tenant is None:
+            return None
+        keyed = self.index.ids()
+        # an id the router has no record of yet (added since the last sync) counts as invisible
+        visible = {a for a in keyed if a in self._meta and self._meta[a].visible_to(tenant)}
+        return None if len(visible) == len(keyed) else visible
+
     def dense_search(self, qvecs: np.ndarray, n: int, allowed: set[str] | None) -> list[Candidates]:
         return self.index.search(qvecs, n, allowed)
 
@@ -292,12 +307,17 @@ class Router:
         return sum(all(w in words for w in t) for t in terms) / len(terms)
 
     # --- routing ------------------------------------------------------------------------------
-    def route(self, query: str, cfg: RouteConfig | None = None) -> Route:
-        """Pick adapters and mixture weights for one query."""
-        return self.route_batch([query], cfg)[0]
+    def route(self, query: str, cfg: RouteConfig | None = None, tenant: str | None = None) -> Route:
+        """Pick adapters and mixture weights for one query, among those ``tenant`` may see (None: all)."""
+        return self.route_batch([query], cfg, tenant)[0]
 
-    def route_batch(self, queries: Sequence[str], cfg: RouteConfig | None = None) -> list[Route]:
-        """:meth:`route` for many queries with one encoder call; ``latency_ms`` is the batch time per query."""
+    def route_batch(self, queries: Sequence[str], cfg: RouteConfig | None = None,
+                    tenant: str | None = None) -> list[Route]:
+        """:meth:`route` for many queries with one encoder call; ``latency_ms`` is the batch time per query.
+
+        With ``tenant``, candidates are limited to the shared, public and the tenant's own adapters before
+        the strategy ranks them (as the tag filter does), and an invisible one is never returned.
+        """
         if isinstance(queries, str):
             raise TypeError("route_batch takes a list of queries; use route() for one")
         cfg = cfg or RouteConfig()
@@ -316,8 +336,13 @@ class Router:
         with self._lock:
             if self.index.ntotal == 0:
                 raise RoutingError(EMPTY_MESSAGE)
+            visible = self.visible_ids(tenant)
+            if visible is not None and not visible:
+                raise RoutingError(EMPTY_MESSAGE)  # as for an empty library: nothing to say about the others
             allowed = self.allowed_ids(cfg.tags)
-            if allowed is not None and not allowed:
+            if visible is not None:
+                allowed = visible if allowed is None else allowed & visible
+            if allowed is not None and not allowed and cfg.tags:
                 raise RoutingError(
                     f"no adapter with a routing key carries all of the tags {sorted(cfg.tags)}"
                 )
@@ -327,6 +352,8 @@ class Router:
                     f"dim {self.index.dim}; recompute them with Router.compute_keys()"
                 )
             ranked = fn(self, list(queries), qvecs, cfg, allowed)
+            if allowed is not None:  # whatever a strategy does, nothing outside the filters comes back
+                ranked = [[(a, s) for a, s in cands if a in allowed] for cands in ranked]
             names = {a: self.name_of(a) for cands in ranked for a, _ in cands[: cfg.k]}
         per_query_ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
         routes = []

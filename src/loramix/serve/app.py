@@ -16,9 +16,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from loramix import __version__
 from loramix.serve import library_api, lorax_api, openai_api
+from loramix.serve.audit import AuditedEngine
 from loramix.serve.engine import Engine
 from loramix.serve.errors import error_body, install_error_handlers
+from loramix.serve.metrics import Metrics, install_metrics
 from loramix.serve.settings import ServeSettings
+from loramix.serve.tenants import KeyRing, install_auth
+from loramix.serve.ui import install_ui
 
 __all__ = ["BodyLimit", "create_app"]
 
@@ -95,13 +99,20 @@ def create_app(engine: Engine, settings: ServeSettings | None = None) -> FastAPI
 
     app = FastAPI(title="loramix", version=__version__, lifespan=lifespan,
                   description="OpenAI- and LoRAX-compatible serving of a LoRA library with per-row mixtures.")
-    app.state.engine = engine
+    metrics = Metrics()
+    audited = AuditedEngine(engine, metrics)  # audit rows and generation metrics around every engine call
+    metrics.attach(audited.stats)
+    app.state.engine = audited
     app.state.settings = settings
     app.state.created = int(time.time())
     install_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(lorax_api.router)
     app.include_router(library_api.router)
+    keys = KeyRing.load(settings.api_keys) if settings.api_keys is not None else None
+    install_auth(app, keys, settings.max_concurrent_per_key)
+    install_ui(app)
     app.add_middleware(BodyLimit, settings=settings)
+    install_metrics(app, metrics)  # outermost: counts and times every response, refusals included
     return app
 

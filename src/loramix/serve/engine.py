@@ -29,6 +29,7 @@ from loramix.serve.scheduler import FinishEvent, GenRequest, SamplingParams, Tok
 
 if TYPE_CHECKING:
     from loramix.app import Loramix
+    from loramix.serve.metrics import EngineStats
     from loramix.serve.settings import ServeSettings
 
 __all__ = ["Engine", "FakeEngine", "GenerationFailed", "LocalEngine", "MergeRecipe", "RequestTimeout", "Resolved", "stream_events"]
@@ -235,16 +236,16 @@ class LocalEngine:
 
     # --- models and resolution -----------------------------------------------------------------
     def models(self, tenant: str | None) -> list[dict[str, Any]]:
-        recs = self.lm.library.list()
+        recs = self.lm.library.list(tenant=tenant)
         out = [{"id": r.name, "created": int(r.created)} for r in recs]
         return out + [{"id": n, "created": int(self.started)} for n in self._runtime]
 
     def _one(self, name: str, tenant: str | None) -> tuple[str, str]:
-        """(adapter id, name) of a library or runtime adapter; AdapterNotFound otherwise."""
+        """(adapter id, name) of a library or runtime adapter ``tenant`` may see; AdapterNotFound otherwise."""
         if name in self._runtime:
             return self._runtime[name], name
         try:
-            rec = self.lm.library.get(name)
+            rec = self.lm.library.get(name, tenant=tenant)
         except AdapterNotFound:
             raise AdapterNotFound(f"no model or adapter named {name!r}; GET /v1/models lists them") from None
         return rec.id, rec.name
@@ -293,7 +294,7 @@ class LocalEngine:
         if not query.strip():
             raise ConfigError("nothing to route: the query (or last user message) is empty")
         with self._route_lock:
-            return self.lm.route(query, cfg)
+            return self.lm.route(query, cfg, tenant=tenant)
 
     def route(self, query: str, cfg: RouteConfig, tenant: str | None) -> dict[str, Any]:
         d = self.route_obj(query, cfg, tenant).to_dict()
@@ -334,12 +335,12 @@ class LocalEngine:
 
     # --- library ---------------------------------------------------------------------------------
     def list_adapters(self, tenant: str | None, q: str | None = None, tags: Sequence[str] = ()) -> list[dict[str, Any]]:
-        recs = self.lm.library.list(tags=list(tags) or None)
+        recs = self.lm.library.list(tags=list(tags) or None, tenant=tenant)
         out = [r.to_dict() for r in recs]
         return [d for d in out if _matches(d, q)] if q else out
 
     def get_adapter(self, name: str, tenant: str | None) -> dict[str, Any]:
-        return self.lm.library.get(name).to_dict()
+        return self.lm.library.get(name, tenant=tenant).to_dict()
 
     def add_adapter(self, folder: Path, name: str, tenant: str | None, description: str = "",
                     tags: Sequence[str] = (), examples: Sequence[str] | None = None, public: bool = False) -> dict[str, Any]:
@@ -347,12 +348,44 @@ class LocalEngine:
             raise AdapterExists(f"the name {name!r} is taken (a runtime adapter, the base model or 'auto'); pick another")
         with self._route_lock:  # keying updates the router's index (arrow keys take the model lock themselves)
             rec = self.lm.add_adapter(folder, name, description=description, domain_tags=list(tags),
-                                      examples=list(examples) if examples else None)
+                                      examples=list(examples) if examples else None, owner=tenant,
+                                      public=bool(public) and tenant is not None)
         return rec.to_dict()
 
     def remove_adapter(self, name: str, tenant: str | None) -> None:
         with self.lm.lock:  # the scheduler thread reads the mixer's slot table
-            self.lm.remove_adapter(name)
+            self.lm.remove_adapter(name, tenant=tenant)
+
+    def audit(self, action: str, tenant: str | None = None, adapter: str | None = None, outcome: str = "ok",
+              detail: dict[str, Any] | None = None) -> None:
+        self.lm.library.audit(action, tenant=tenant, adapter=adapter, outcome=outcome, detail=detail)
+
+    def stats(self) -> EngineStats | None:
+        """Scheduler and mixer numbers for the metrics (read at scrape time); None before start."""
+        from loramix.serve.metrics import EngineStats
+
+        sched = self._sched
+        if sched is None or self.lm._mixer is None:
+            return None
+        s, m = sched.stats(), self.lm.mixer.stats()
+        names = {aid: n for n, aid in self._runtime.items()}
+
+        def name_of(aid: str) -> str:
+            if aid not in names:
+                try:
+                    names[aid] = self.lm.library.get(aid).name
+                except AdapterNotFound:  # a cached merge, or removed since
+                    names[aid] = aid
+            return names[aid]
+
+        return EngineStats(queue_len=s.queue_len, running=s.running,
+                           running_adapters=sorted({name_of(a) for a in s.running_adapters}),
+                           waiting_adapters=sorted({name_of(a) for a in s.waiting_adapters}),
+                           max_lora=int(m["capacity"]), adapters_loaded=int(m["loaded"]),
+                           adapters_pinned=int(m["pinned"]), slot_hits=int(m["hits"]), slot_misses=int(m["misses"]),
+                           slot_evictions=int(m["evictions"]), adapter_load_seconds=float(m["load_seconds"]),
+                           steps=int(s.steps), max_batch=int(s.max_batch), last_batch_size=int(s.last_batch_size),
+                           decode_batch_sizes=dict(s.batch_sizes))
 
     def load_lora(self, name: str, path: Path, tenant: str | None) -> None:
         from loramix.base import base_linear_shapes
@@ -403,12 +436,30 @@ class FakeEngine:
     runtime: dict[str, str] = field(default_factory=dict)
     uses: dict[str, int] = field(default_factory=dict)
     started: bool = False
+    audit_rows: list[dict[str, Any]] = field(default_factory=list)  # what Library.audit would store
 
     def __post_init__(self) -> None:
         for i, (name, desc) in enumerate([("law", "contracts and torts law"), ("botany", "plants and flowers"),
                                           ("code", "c programming functions")]):
             self.adapters.setdefault(name, {"id": f"id{i}", "name": name, "description": desc,
-                                            "domain_tags": [name], "skill_tags": [], "created": 1700000000.0 + i})
+                                            "domain_tags": [name], "skill_tags": [], "created": 1700000000.0 + i,
+                                            "owner": None, "public": False})
+
+    def _visible(self, name: str, tenant: str | None) -> bool:
+        from loramix.store.tenancy import visible_to
+
+        a = self.adapters.get(name)
+        return a is not None and visible_to(a.get("owner"), bool(a.get("public")), tenant)
+
+    def audit(self, action: str, tenant: str | None = None, adapter: str | None = None, outcome: str = "ok",
+              detail: dict[str, Any] | None = None) -> None:
+        self.audit_rows.append({"action": action, "tenant": tenant, "adapter": adapter, "outcome": outcome,
+                                "detail": detail or {}})
+
+    def stats(self) -> EngineStats:
+        from loramix.serve.metrics import EngineStats
+
+        return EngineStats(max_lora=8, adapters_loaded=len(self.uses), slot_hits=sum(self.uses.values()))
 
     def start(self) -> None:
         self.started = True
@@ -421,13 +472,13 @@ class FakeEngine:
                 "runtime_adapters": sorted(self.runtime)}
 
     def models(self, tenant: str | None) -> list[dict[str, Any]]:
-        return [{"id": n, "created": int(a["created"])} for n, a in self.adapters.items()] + \
+        return [{"id": n, "created": int(a["created"])} for n, a in self.adapters.items() if self._visible(n, tenant)] + \
                [{"id": n, "created": 1700000000} for n in self.runtime]
 
-    def _one(self, name: str) -> tuple[str, str]:
+    def _one(self, name: str, tenant: str | None = None) -> tuple[str, str]:
         if name in self.runtime:
             return self.runtime[name], name
-        if name not in self.adapters:
+        if not self._visible(name, tenant):
             raise AdapterNotFound(f"no model or adapter named {name!r}; GET /v1/models lists them")
         return self.adapters[name]["id"], name
 
@@ -441,13 +492,13 @@ class FakeEngine:
             return Resolved([(self.adapters[a["name"]]["id"], a["weight"]) for a in r["adapters"]],
                             [{"name": a["name"], "weight": a["weight"]} for a in r["adapters"]], True, 0.1)
         if model in self.adapters or model in self.runtime or not _looks_like_mixture(model):
-            aid, name = self._one(model)
+            aid, name = self._one(model, tenant)
             return Resolved([(aid, 1.0)], [{"name": name, "weight": 1.0}])
-        pairs = [(self._one(n), w) for n, w in _parse_weighted(model)]
+        pairs = [(self._one(n, tenant), w) for n, w in _parse_weighted(model)]
         return Resolved([(aid, w) for (aid, _), w in pairs], [{"name": n, "weight": w} for (_, n), w in pairs])
 
     def resolve_merged(self, recipe: MergeRecipe, tenant: str | None) -> Resolved:
-        named = [self._one(n) for n in recipe.names]
+        named = [self._one(n, tenant) for n in recipe.names]
         shown = [{"name": n, "weight": w} for (_, n), w in zip(named, recipe.weights, strict=True)]
         if recipe.strategy == "linear":
             return Resolved([(a, w) for (a, _), w in zip(named, recipe.weights, strict=True)], shown)
@@ -463,7 +514,8 @@ class FakeEngine:
         if not query.strip():
             raise ConfigError("nothing to route: the query (or last user message) is empty")
         words = set(query.lower().split())
-        cands = [a for a in self.adapters.values() if all(t in a["domain_tags"] for t in cfg.tags)]
+        cands = [a for n, a in self.adapters.items()
+                 if self._visible(n, tenant) and all(t in a["domain_tags"] for t in cfg.tags)]
         scored = sorted(((len(words & set(a["description"].split())) + 0.01 * i, a["name"])
                          for i, a in enumerate(reversed(cands))), reverse=True)[:cfg.k]
         if not scored:
@@ -522,11 +574,12 @@ class FakeEngine:
             self.uses[aid] = self.uses.get(aid, 0) + 1
 
     def list_adapters(self, tenant: str | None, q: str | None = None, tags: Sequence[str] = ()) -> list[dict[str, Any]]:
-        out = [dict(a) for a in self.adapters.values() if all(t in a["domain_tags"] for t in tags)]
+        out = [dict(a) for n, a in self.adapters.items()
+               if self._visible(n, tenant) and all(t in a["domain_tags"] for t in tags)]
         return [d for d in out if _matches(d, q)] if q else out
 
     def get_adapter(self, name: str, tenant: str | None) -> dict[str, Any]:
-        if name not in self.adapters:
+        if not self._visible(name, tenant):
             raise AdapterNotFound(f"no adapter named {name!r}")
         return dict(self.adapters[name])
 
@@ -541,12 +594,17 @@ class FakeEngine:
         w = read_peft_dir(folder)
         self.adapters[name] = {"id": f"id{len(self.adapters)}-{name}", "name": name, "description": description,
                                "domain_tags": list(tags), "skill_tags": [], "created": time.time(), "rank": w.rank,
-                               "examples": len(examples or [])}
+                               "examples": len(examples or []), "owner": tenant,
+                               "public": bool(public) and tenant is not None}
         return dict(self.adapters[name])
 
     def remove_adapter(self, name: str, tenant: str | None) -> None:
-        if name not in self.adapters:
+        from loramix.errors import AccessDenied
+
+        if not self._visible(name, tenant):
             raise AdapterNotFound(f"no adapter named {name!r}")
+        if tenant is not None and self.adapters[name].get("owner") != tenant:
+            raise AccessDenied(f"adapter {name!r} is not yours to delete; expected one of your own adapters")
         del self.adapters[name]
 
     def load_lora(self, name: str, path: Path, tenant: str | None) -> None:

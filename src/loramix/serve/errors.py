@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loramix.errors import (
+    AccessDenied,
     AdapterExists,
     AdapterNotFound,
     ConfigError,
@@ -29,6 +30,7 @@ from loramix.errors import (
     MixError,
     Overloaded,
     RoutingError,
+    Unauthorized,
 )
 from loramix.serve.engine import GenerationFailed, RequestTimeout
 
@@ -60,6 +62,10 @@ def status_of(exc: BaseException) -> tuple[int, str | None]:
     """(HTTP status, OpenAI ``code``) for an exception."""
     if isinstance(exc, ApiError):
         return exc.status, exc.code
+    if isinstance(exc, Unauthorized):
+        return 401, "invalid_api_key"
+    if isinstance(exc, AccessDenied):
+        return 403, "forbidden"
     if isinstance(exc, AdapterNotFound):
         return 404, "model_not_found"
     if isinstance(exc, AdapterExists):
@@ -105,7 +111,7 @@ def error_response(path: str, exc: BaseException) -> JSONResponse:
     if not is_openai_path(path):  # LoRAX's statuses
         status = 422 if status == 400 else 424 if isinstance(exc, GenerationFailed) else status
     param = exc.param if isinstance(exc, ApiError) else None
-    headers = {"retry-after": "1"} if status == 429 else None
+    headers = {"retry-after": "1"} if status == 429 else {"www-authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(error_body(path, status, message, param, code), status_code=status, headers=headers)
 
 

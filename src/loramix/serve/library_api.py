@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from loramix.config import RouteConfig
 from loramix.serve.common import Principal, engine_of, get_principal, run_in_threadpool, settings_of
 from loramix.serve.errors import ApiError
+from loramix.serve.tenants import deny_unless_admin
 
 __all__ = ["router"]
 
@@ -153,7 +154,8 @@ def allowed_path(raw: str, allowed: list[Path]) -> Path:
 @router.post("/v1/load_lora_adapter")
 async def load_lora_adapter(request: Request, body: LoadLora, who: Principal = Depends(get_principal)) -> dict[str, str]:
     """vLLM's runtime LoRA loading: serve a PEFT folder under ``lora_name`` (in memory, not added to the
-    library; it is listed in /v1/models and usable as ``model`` until unloaded)."""
+    library; it is listed in /v1/models and usable as ``model`` until unloaded). Admin-only."""
+    deny_unless_admin(request, who, "load_lora", body.lora_name)
     path = allowed_path(body.lora_path, settings_of(request).allow_lora_dirs)
     await run_in_threadpool(engine_of(request).load_lora, body.lora_name, path, who.tenant)
     return {"loaded": body.lora_name, "message": f"Success: LoRA adapter '{body.lora_name}' added successfully."}
@@ -162,6 +164,7 @@ async def load_lora_adapter(request: Request, body: LoadLora, who: Principal = D
 @router.post("/v1/unload_lora_adapter")
 async def unload_lora_adapter(request: Request, body: UnloadLora,
                               who: Principal = Depends(get_principal)) -> dict[str, str]:
-    """Stop serving a runtime LoRA loaded with /v1/load_lora_adapter."""
+    """Stop serving a runtime LoRA loaded with /v1/load_lora_adapter. Admin-only."""
+    deny_unless_admin(request, who, "unload_lora", body.lora_name)
     await run_in_threadpool(engine_of(request).unload_lora, body.lora_name, who.tenant)
     return {"unloaded": body.lora_name, "message": f"Success: LoRA adapter '{body.lora_name}' removed successfully."}

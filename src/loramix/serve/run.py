@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 from loramix.config import MixConfig
-from loramix.errors import ConfigError
 from loramix.serve.settings import ServeSettings
 
 __all__ = ["build_app", "serve"]
@@ -32,8 +31,6 @@ def serve(settings: ServeSettings, home: str | Path | None = None, base: str | P
     import uvicorn
 
     settings.check_bind()
-    if settings.api_keys is not None:  # the auth module (serve-tenancy) takes over from here
-        raise ConfigError("--api-keys is not available in this build yet (the auth module is not installed)")
     t0 = time.perf_counter()
     app = build_app(settings, home, base, mix)
     log.info("app built in %.1f s", time.perf_counter() - t0)

@@ -24,6 +24,7 @@ class ServeSettings:
     max_body_bytes: int = 1 << 20  # JSON request bodies (413 above)
     max_upload_bytes: int = 256 << 20  # multipart adapter uploads (413 above)
     request_timeout_s: float = 300.0  # a generation running longer is cancelled (408, or an error event in a stream)
+    max_concurrent_per_key: int = 16  # requests in flight per API key; more get 429 (needs --api-keys)
     allow_lora_dirs: list[Path] = field(default_factory=list)  # /v1/load_lora_adapter reads only under these
     served_model_name: str | None = None  # the base model's id in /v1/models (default: the base folder's name)
 
@@ -31,7 +32,7 @@ class ServeSettings:
         if not 0 <= self.port < 65536:
             raise ConfigError(f"port must be in 0..65535, got {self.port}")
         for name in ("max_batch", "max_queue", "max_new_tokens_cap", "default_max_tokens", "max_prompt_tokens",
-                     "max_body_bytes", "max_upload_bytes"):
+                     "max_body_bytes", "max_upload_bytes", "max_concurrent_per_key"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.request_timeout_s > 0:

@@ -36,6 +36,8 @@ class AdapterRecord:
     blob: str  # sha256 hex of the safetensors file
     has_key: bool
     meta: dict[str, Any]
+    owner: str | None = None  # tenant name; None = the operator's shared library (visible to all)
+    public: bool = False  # an owned adapter visible to every tenant
 
     @property
     def tags(self) -> list[str]:
@@ -50,7 +52,8 @@ class AdapterRecord:
                    domain_tags=json.loads(row["domain_tags"]), skill_tags=json.loads(row["skill_tags"]),
                    rank=int(row["rank"]), alpha=float(row["alpha"]), target_modules=json.loads(row["target_modules"]),
                    n_params=int(row["n_params"]), created=float(row["created"]), use_count=int(row["use_count"]),
-                   blob=row["blob"], has_key=bool(row["has_key"]), meta=json.loads(row["meta"]))
+                   blob=row["blob"], has_key=bool(row["has_key"]), meta=json.loads(row["meta"]),
+                   owner=row["owner"], public=bool(row["public"]))
 
 
 def check_name(name: object, what: str = "adapter name") -> str:

@@ -23,7 +23,7 @@ from typing import Any, TypeAlias
 import numpy as np
 
 from loramix.config import home_dir
-from loramix.errors import AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError
+from loramix.errors import AccessDenied, AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError
 from loramix.lora import LoraWeights
 from loramix.store.blobs import BlobStore
 from loramix.store.peft_io import (
@@ -44,8 +44,9 @@ from loramix.store.records import (
     dump_json,
     stack_keys,
 )
+from loramix.store.tenancy import VISIBLE, check_public, check_tenant, migrate, read_audit, write_audit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: adapters.owner / adapters.public and the audit table (store/tenancy.py)
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS adapters (
         id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, description TEXT NOT NULL DEFAULT '',
@@ -71,7 +72,7 @@ SCHEMA = (
     "CREATE INDEX IF NOT EXISTS tags_adapter ON tags(adapter_id)",
 )
 _COLS = ("a.id, a.name, a.description, a.domain_tags, a.skill_tags, a.rank, a.alpha, a.target_modules, "
-         "a.n_params, a.created, a.use_count, a.blob, a.meta, "
+         "a.n_params, a.created, a.use_count, a.blob, a.meta, a.owner, a.public, "
          "EXISTS (SELECT 1 FROM keys k WHERE k.adapter_id = a.id) AS has_key")
 _CHUNK = 500  # ids per IN (...) query
 
@@ -113,6 +114,7 @@ class Library:
             with self._write() as c:
                 for stmt in SCHEMA:
                     c.execute(stmt)
+                migrate(c)
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     # --- plumbing ------------------------------------------------------------------------------
@@ -150,66 +152,82 @@ class Library:
         with self._lock:
             return self._conn.execute(sql, params).fetchall()
 
-    def _find(self, c: sqlite3.Connection, ref: Ref) -> sqlite3.Row | None:
+    def _find(self, c: sqlite3.Connection, ref: Ref, tenant: str | None = None) -> sqlite3.Row | None:
         key = ref.id if isinstance(ref, AdapterRecord) else ref
         if not isinstance(key, str):
             return None
+        vis, params = (f" AND {VISIBLE}", (tenant,)) if tenant is not None else ("", ())
         for col in ("id", "name"):
-            row = c.execute(f"SELECT {_COLS} FROM adapters a WHERE a.{col} = ?", (key,)).fetchone()
+            row = c.execute(f"SELECT {_COLS} FROM adapters a WHERE a.{col} = ?{vis}", (key, *params)).fetchone()
             if row is not None:
                 return row
         return None
 
-    def _require(self, c: sqlite3.Connection, ref: Ref) -> sqlite3.Row:
-        row = self._find(c, ref)
+    def _require(self, c: sqlite3.Connection, ref: Ref, tenant: str | None = None) -> sqlite3.Row:
+        row = self._find(c, ref, tenant)
         if row is None:
-            raise self._not_found(c, ref)
+            raise self._not_found(c, ref, tenant)
         return row
 
-    def _not_found(self, c: sqlite3.Connection, ref: object) -> AdapterNotFound:
+    def _not_found(self, c: sqlite3.Connection, ref: object, tenant: str | None = None) -> AdapterNotFound:
+        """The error for a missing adapter; for a tenant it looks only at what the tenant may see."""
+        if isinstance(ref, AdapterRecord):
+            ref = ref.id
         msg = f"no adapter named or with id {ref!r} in the library at {self.home}"
-        if c.execute("SELECT 1 FROM adapters LIMIT 1").fetchone() is None:
+        vis, params = (f" AND {VISIBLE}", [tenant]) if tenant is not None else ("", [])
+        if c.execute(f"SELECT 1 FROM adapters a WHERE 1{vis} LIMIT 1", params).fetchone() is None:
             return AdapterNotFound(msg + "; the library is empty (add one with Library.add or `loramix add`)")
         if isinstance(ref, str) and ref:
             pat = "%" + ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             similar = [r[0] for r in c.execute(
-                "SELECT name FROM adapters WHERE name LIKE ? ESCAPE '\\' ORDER BY name LIMIT 5", (pat,))]
+                f"SELECT name FROM adapters a WHERE name LIKE ? ESCAPE '\\'{vis} ORDER BY name LIMIT 5",
+                [pat, *params])]
             if similar:
                 return AdapterNotFound(msg + "; similar names: " + ", ".join(similar))
         return AdapterNotFound(msg + "; expected an existing name or id (Library.list() shows them)")
 
-    def _exists_error(self, name: str, adapter_id: str) -> AdapterExists:
+    def _exists_error(self, name: str, adapter_id: str, owner: str | None = None) -> AdapterExists:
+        if owner is not None:  # a tenant's upload: the same words whoever holds the name (it may be private)
+            return AdapterExists(f"the adapter name {name!r} is taken; expected a new name (names are unique "
+                                 "across the whole library, all tenants included)")
         return AdapterExists(f"an adapter named {name!r} already exists (id {adapter_id}); expected a new name, "
                              f"or remove the old one first with Library.remove({name!r})")
 
-    def _check_new_name(self, name: str) -> None:
+    def _check_new_name(self, name: str, owner: str | None = None) -> None:
         check_name(name)
         row = self._read("SELECT id FROM adapters WHERE name = ?", (name,))
         if row:
-            raise self._exists_error(name, row[0]["id"])
+            raise self._exists_error(name, row[0]["id"], owner)
 
     # --- adding --------------------------------------------------------------------------------
     def add(self, path: str | Path, name: str, description: str = "", domain_tags: Iterable[str] = (),
             skill_tags: Iterable[str] = (), examples: list[str] | None = None, meta: dict[str, Any] | None = None,
-            key: np.ndarray | None = None) -> AdapterRecord:
-        """Import a PEFT LoRA folder (validated; pickle weights are refused) under a new name."""
-        self._check_new_name(name)
+            key: np.ndarray | None = None, owner: str | None = None, public: bool = False) -> AdapterRecord:
+        """Import a PEFT LoRA folder (validated; pickle weights are refused) under a new name.
+
+        ``owner``: the tenant it belongs to (None: the operator's shared library, visible to all);
+        ``public``: an owned adapter that every tenant may see and use.
+        """
+        owner, public = check_tenant(owner, "owner"), check_public(public)
+        self._check_new_name(name, owner)
         weights = read_peft_dir(path, self.base_shapes, self.max_bytes)
-        return self._add(weights, name, description, domain_tags, skill_tags, examples, meta, key)
+        return self._add(weights, name, description, domain_tags, skill_tags, examples, meta, key, owner, public)
 
     def add_weights(self, weights: LoraWeights, name: str, description: str = "", domain_tags: Iterable[str] = (),
                     skill_tags: Iterable[str] = (), examples: list[str] | None = None,
-                    meta: dict[str, Any] | None = None, key: np.ndarray | None = None) -> AdapterRecord:
-        """Store in-memory weights (validated like an import) under a new name."""
-        self._check_new_name(name)
+                    meta: dict[str, Any] | None = None, key: np.ndarray | None = None, owner: str | None = None,
+                    public: bool = False) -> AdapterRecord:
+        """Store in-memory weights (validated like an import) under a new name (``owner``/``public`` as in add)."""
+        owner, public = check_tenant(owner, "owner"), check_public(public)
+        self._check_new_name(name, owner)
         if not isinstance(weights, LoraWeights):
             raise InvalidAdapter(f"weights is a {type(weights).__name__}; expected a loramix.lora.LoraWeights")
         validate_weights(weights, self.base_shapes)
-        return self._add(weights, name, description, domain_tags, skill_tags, examples, meta, key)
+        return self._add(weights, name, description, domain_tags, skill_tags, examples, meta, key, owner, public)
 
     def _add(self, weights: LoraWeights, name: str, description: str, domain_tags: Iterable[str],
              skill_tags: Iterable[str], examples: list[str] | None, meta: dict[str, Any] | None,
-             key: np.ndarray | None) -> AdapterRecord:
+             key: np.ndarray | None, owner: str | None = None, public: bool = False) -> AdapterRecord:
         if not isinstance(description, str):
             raise InvalidAdapter(f"description is a {type(description).__name__}; expected a string")
         dtags, stags = check_tags(domain_tags, "domain_tags"), check_tags(skill_tags, "skill_tags")
@@ -229,11 +247,14 @@ class Library:
                 try:
                     taken = c.execute("SELECT id FROM adapters WHERE name = ?", (name,)).fetchone()
                     if taken is not None:
-                        raise self._exists_error(name, taken["id"])
+                        raise self._exists_error(name, taken["id"], owner)
                     placed = self.blobs.place(tmp, sha)
                     adapter_id = self._new_id(c)
                     self._insert_rows(c, adapter_id, name, description, dtags, stags, weights, sha, meta_json,
                                       texts, vec)
+                    if owner is not None or public:
+                        c.execute("UPDATE adapters SET owner = ?, public = ? WHERE id = ?",
+                                  (owner, int(public), adapter_id))
                     c.execute("COMMIT")
                     committed = True
                 except BaseException:
@@ -276,19 +297,26 @@ class Library:
                       [(adapter_id, t, kind) for t in tags])
 
     # --- reading -------------------------------------------------------------------------------
-    def get(self, name_or_id: Ref) -> AdapterRecord:
-        """The record with this id or name; raises AdapterNotFound."""
+    def get(self, name_or_id: Ref, tenant: str | None = None) -> AdapterRecord:
+        """The record with this id or name; raises AdapterNotFound (also when ``tenant`` may not see it)."""
         with self._lock:
-            return AdapterRecord.from_row(self._require(self._conn, name_or_id))
+            return AdapterRecord.from_row(self._require(self._conn, name_or_id, check_tenant(tenant)))
 
-    def list(self, tags: list[str] | None = None, limit: int | None = None, offset: int = 0) -> list[AdapterRecord]:
-        """Records in insertion order; with ``tags``, only adapters carrying all of them (domain or skill)."""
+    def list(self, tags: list[str] | None = None, limit: int | None = None, offset: int = 0,
+             tenant: str | None = None) -> list[AdapterRecord]:
+        """Records in insertion order; with ``tags``, only adapters carrying all of them (domain or skill);
+        with ``tenant``, only those it may see (shared, public, its own)."""
         wanted = check_tags(tags, "tags")
-        sql, params = f"SELECT {_COLS} FROM adapters a", []
+        sql, params, where = f"SELECT {_COLS} FROM adapters a", [], []
         if wanted:
-            sql += (f" WHERE a.id IN (SELECT adapter_id FROM tags WHERE tag IN ({','.join('?' * len(wanted))}) "
-                    "GROUP BY adapter_id HAVING COUNT(DISTINCT tag) = ?)")
+            where.append(f"a.id IN (SELECT adapter_id FROM tags WHERE tag IN ({','.join('?' * len(wanted))}) "
+                         "GROUP BY adapter_id HAVING COUNT(DISTINCT tag) = ?)")
             params += [*wanted, len(wanted)]
+        if check_tenant(tenant) is not None:
+            where.append(VISIBLE)
+            params.append(tenant)
+        if where:
+            sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY a.rowid"
         if limit is not None or offset:
             if (limit is not None and limit < 0) or offset < 0:
@@ -331,14 +359,23 @@ class Library:
         return write_peft_dir(self.load(name_or_id), out_dir, overwrite=overwrite)
 
     # --- changing ------------------------------------------------------------------------------
-    def remove(self, name_or_id: Ref) -> None:
-        """Delete the adapter with its key, examples and events; its blob too unless another adapter shares it."""
+    def remove(self, name_or_id: Ref, tenant: str | None = None) -> None:
+        """Delete the adapter with its key, examples and events; its blob too unless another adapter shares it.
+
+        With ``tenant``: only an adapter it may see, and not a shared one (owner None) or another tenant's
+        public one, which it may use but not delete (AccessDenied).
+        """
+        tenant = check_tenant(tenant)
         with self._lock:
             c = self._conn
             c.execute("BEGIN IMMEDIATE")
             trashed: Path | None = None
             try:
-                row = self._require(c, name_or_id)
+                row = self._require(c, name_or_id, tenant)
+                if tenant is not None and row["owner"] != tenant:
+                    raise AccessDenied(f"adapter {row['name']!r} is not yours to delete: it belongs to "
+                                       f"{'the shared library' if row['owner'] is None else 'another tenant'}; "
+                                       "expected one of your own adapters")
                 c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
                 if c.execute("SELECT 1 FROM adapters WHERE blob = ? LIMIT 1", (row["blob"],)).fetchone() is None:
                     trashed = self.blobs.trash(row["blob"])
@@ -498,3 +535,14 @@ class Library:
                     removed += int(self.blobs.delete(sha))
         return removed
 
+    # --- audit log -----------------------------------------------------------------------------
+    def audit(self, action: str, tenant: str | None = None, adapter: str | None = None, outcome: str = "ok",
+              detail: dict[str, Any] | None = None) -> None:
+        """Append one audit row (time, tenant, action, adapter, outcome, detail); see store/tenancy.py."""
+        with self._write() as c:
+            write_audit(c, action, tenant, adapter, outcome, detail)
+
+    def audit_log(self, limit: int | None = 100, tenant: str | None = None) -> builtins.list[dict[str, Any]]:
+        """The newest ``limit`` audit rows, newest first; only ``tenant``'s rows when given."""
+        with self._lock:
+            return read_audit(self._conn, limit, check_tenant(tenant))
