@@ -118,8 +118,11 @@ class Factors:
             self._by_dtype[dtype] = got
         return got
 
-    def add_to(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y += mixture(x)`` in place and return ``y``; x: (B, T, n_in), y: (B, T, n_out)."""
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """``y += mixture(x)`` in place and return ``y``; x: (B, T, n_in), y: (B, T, n_out).
+
+        ``dense`` forces the form of a ``rows`` plan (tests); None lets the plan choose.
+        """
         f = self.to(y.dtype)
         nb, nt, n_in = x.shape
         u, r, n_out = f.b.shape
@@ -127,7 +130,7 @@ class Factors:
         if f.w is None:  # same mixture on every row: weights already in b
             h = F.linear(x.reshape(nb * nt, n_in), f.a.view(u * r, n_in))  # (B*T, U*r)
             y2.addmm_(h.to(y.dtype), f.b.view(u * r, n_out))
-        elif self.plan.dense_for(nt):  # every row against every distinct adapter, masked by its weights
+        elif self.plan.dense_for(nt) if dense is None else dense:  # every row against every distinct adapter, masked by its weights
             h = F.linear(x, f.a.view(u * r, n_in)).to(y.dtype)  # (B, T, U*r)
             h.mul_(f.w)  # (B, T, U*r)
             y2.addmm_(h.view(nb * nt, u * r), f.b.view(u * r, n_out))
