@@ -93,12 +93,13 @@ def test_every_plan_matches_reference(batch: int, k: int, rank: int, dtype: torc
                 if not row:
                     assert torch.equal(got[i], y0[i]), "a base-only row must be exactly the base"
 
-    same = {int(s): float(v) for s, v in zip(torch.randperm(n_slots, generator=g)[:k], torch.rand(k, generator=g))}
+    chosen = torch.randperm(n_slots, generator=g)[:k]
+    same = {int(s): float(v) for s, v in zip(chosen, torch.rand(k, generator=g), strict=True)}
     check([dict(same) for _ in range(batch)], "same")
     rows = []
     for _ in range(batch):
         chosen = torch.randperm(n_slots, generator=g)[:k]
-        rows.append({int(s): float(v) for s, v in zip(chosen, torch.rand(k, generator=g) - 0.3)})
+        rows.append({int(s): float(v) for s, v in zip(chosen, torch.rand(k, generator=g) - 0.3, strict=True)})
     if batch > 1:
         rows[1] = {}  # a base-only row inside a mixed batch
         check(rows, "rows")
