@@ -179,7 +179,7 @@ def main() -> None:
     load1 = os.getloadavg()
 
     print("command: python bench/decode.py " + " ".join(sys.argv[1:]))
-    print(f"mixer: loramix from {Path(loramix.__file__).parent.parent.name}/; {args.adapters} synthetic rank-{args.rank} "
+    print(f"mixer: loramix from the {Path(loramix.__file__).parents[2].name!r} tree; {args.adapters} synthetic rank-{args.rank} "
           f"adapters (random weights at a trained scale) on {len(TARGETS)} projections x top {n_layers - n_layers // 2} "
           f"layers; prompt {args.prompt}, {args.new_tokens} new tokens, greedy, KV cache; "
           f"{torch.get_num_threads()} threads; median of {args.repeats}, round-robin")
