@@ -21,6 +21,7 @@ from loramix.config import MixConfig
 from loramix.errors import MixError
 from loramix.lora import LoraWeights
 from loramix.mix.layers import MixBatch, MixedLoraLinear, MixState
+from loramix.mix.ops import make_plan
 
 Mixture = Sequence[tuple[str, float]]  # (adapter id, weight) pairs for one row
 
@@ -148,8 +149,16 @@ class MixedModel:
                 if weight != 0.0:
                     idx[i, j], w[i, j] = slots[aid], weight
         device = next(self.model.parameters()).device
+        per_row: list[dict[int, float]] = []
+        for row in frozen:  # {slot: summed weight}, an adapter named twice in a row counts once
+            mix: dict[int, float] = {}
+            for aid, weight in row:
+                if weight != 0.0:
+                    mix[slots[aid]] = mix.get(slots[aid], 0.0) + weight
+            per_row.append({s: v for s, v in mix.items() if v != 0.0})
         self._pins.update(ids)
-        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device))
+        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device),
+                        plan=make_plan(per_row, device))
 
     def release(self, batch: MixBatch) -> None:
         """Unpin a batch's adapters (idempotent); they stay loaded until evicted."""
