@@ -230,9 +230,12 @@ class Loramix:
         Refused (ConfigError): a blank text, one with fewer than 2 tokens (the first token is only
         context, so nothing would be scored), and one over ``cfg.max_tokens`` tokens.
         """
-        from loramix.evaluate.score import score_texts
-
         cfg = cfg or ScoreConfig()
+        self._check_score_text(text, cfg)
+        mixture, shown, _ = self._mixture_for(text, adapters, route)
+        return {**self.score_mixture(text, mixture, cfg), "adapters": shown}
+
+    def _check_score_text(self, text: str, cfg: ScoreConfig) -> int:
         check_text(text, "the text to score")
         if len(text) > cfg.max_chars:
             raise ConfigError(f"the text to score has {len(text):,} characters, over the limit of {cfg.max_chars:,} "
@@ -242,16 +245,25 @@ class Loramix:
         if n_tokens > cfg.max_tokens:
             raise ConfigError(f"the text to score has {n_tokens:,} tokens, over the limit of {cfg.max_tokens:,} tokens "
                               "(ScoreConfig.max_tokens); expected a shorter text")
-        mixture, shown, _ = self._mixture_for(text, adapters, route)
+        return n_tokens
+
+    def score_mixture(self, text: str, mixture: Sequence[tuple[str, float]],
+                      cfg: ScoreConfig | None = None) -> dict[str, Any]:
+        """``{"loss", "tokens"}`` of ``text`` under a mixture of adapter ids (library or in-memory ones),
+        with the same checks as :meth:`score`."""
+        from loramix.evaluate.score import score_texts
+
+        cfg = cfg or ScoreConfig()
+        n_tokens = self._check_score_text(text, cfg)
         with self._lock:
-            s = score_texts(self.mixer, [text], [mixture], max_len=cfg.max_len, logits_mib=cfg.logits_mib)[0]
+            s = score_texts(self.mixer, [text], [list(mixture)], max_len=cfg.max_len, logits_mib=cfg.logits_mib)[0]
         if s.tokens == 0:
             raise ConfigError(f"nothing to score: the text has {n_tokens} token(s) and the first is only context; "
                               "expected at least 2 tokens")
         if not math.isfinite(s.loss):
             raise ConfigError(f"the loss came out {s.loss}; the mixture's weights or adapters make the model's "
                               "output non-finite")
-        return {"loss": s.loss, "tokens": s.tokens, "adapters": shown}
+        return {"loss": s.loss, "tokens": s.tokens}
 
     # --- generation ---------------------------------------------------------------------------
     def chat_ids(self, prompt: str) -> torch.Tensor:

@@ -140,7 +140,10 @@ class MixedModel:
         ids = list(dict.fromkeys(aid for row in frozen for aid, w in row if w != 0.0))
         if not ids:
             return MixBatch(rows=frozen, ids=(), idx=None, w=None)
-        slots = self._acquire(ids)
+        # Slot tensors stay ordinary tensors whatever mode the caller is in: created or written inside
+        # torch.inference_mode they would become inference tensors, which no later write outside it may touch.
+        with torch.inference_mode(False), torch.no_grad():
+            slots = self._acquire(ids)
         k = max(len(row) for row in frozen)
         idx = torch.zeros(len(frozen), k, dtype=torch.long)  # (B, k)
         w = torch.zeros(len(frozen), k, dtype=torch.float32)  # (B, k)
