@@ -6,10 +6,32 @@ from typing import Any
 
 QUICK_DOMAINS = ["zoology", "botany", "law", "music", "computing", "bible"]
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"steps": 30, "train_per_domain": 300, "test_per_domain": 30, "router_pairs_per_domain": 16,
-             "router_k": 4, "refine_per_domain": 1},
-    "quick": {"steps": 16, "train_per_domain": 150, "test_per_domain": 12, "router_pairs_per_domain": 10,
-              "router_k": 3, "refine_per_domain": 1},
+    "full": {"steps": 400, "train_per_domain": 300, "test_per_domain": 16, "val_per_domain": 10,
+             "router_pairs_per_domain": 60, "router_k": 8, "refine_per_domain": 6, "expert_seconds": 240.0},
+    "quick": {"steps": 200, "train_per_domain": 300, "test_per_domain": 16, "val_per_domain": 10,
+              "router_pairs_per_domain": 40, "router_k": 6, "refine_per_domain": 4, "expert_seconds": 110.0},
+}
+
+# One line per domain, as someone who downloaded an adapter would have it: the desc-only key condition.
+DESCRIPTIONS = {
+    "zoology": "Zoology: animals, their anatomy, habits and classification.",
+    "botany": "Botany: plants, their parts, growth and families.",
+    "chemistry": "Chemistry: elements, compounds and chemical reactions.",
+    "medicine": "Medicine: diseases, symptoms, anatomy and treatment.",
+    "law": "Law: legal terms, courts, contracts and property.",
+    "nautical": "Nautical: ships, sailing and seamanship.",
+    "geology": "Geology: rocks, minerals and the structure of the earth.",
+    "physics": "Physics: force, energy, light, heat and electricity.",
+    "mathematics": "Mathematics: numbers, geometry, algebra and calculus.",
+    "music": "Music: notes, scales, instruments and composition.",
+    "architecture": "Architecture: buildings, their parts and styles.",
+    "military": "Military: armies, ranks, weapons and warfare.",
+    "religion": "Religion: church, theology, clergy and worship.",
+    "grammar": "Grammar: parts of speech, syntax and rhetoric.",
+    "heraldry": "Heraldry: coats of arms, shields and their charges.",
+    "computing": "Computing: software, hardware, programming and networks.",
+    "bible": "The Bible: the King James text of the Old and New Testaments.",
+    "c-api": "C library and system calls: Unix manual pages for C programmers.",
 }
 
 SETTING_NOTES = {
