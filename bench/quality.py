@@ -80,6 +80,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--expert-seconds", type=float, help="time budget per expert" + dflt("expert_seconds"))
     p.add_argument("--lr", type=float, default=2e-3, help="expert learning rate (default %(default)s)")
     p.add_argument("--seq-len", type=int, default=64, help="expert training sequence length (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="expert training batch size (default %(default)s)")
+    p.add_argument("--score-chars", type=int, default=0,
+                   help="score each held-out text's first N characters (word boundary); 0: the whole text")
     p.add_argument("--train-per-domain", type=int, help="training texts per domain" + dflt("train_per_domain"))
     p.add_argument("--val-per-domain", type=int, help="validation texts per domain" + dflt("val_per_domain"))
     p.add_argument("--test-per-domain", type=int, help="test texts per domain" + dflt("test_per_domain"))
@@ -132,6 +135,7 @@ class Bench:
         if unknown or len(self.domains) < 2:
             raise SystemExit(f"--domains: need at least 2 of {', '.join(DOMAINS)}; unknown: {unknown}")
         self.tcfg = TrainConfig(steps=args.steps, seed=args.seed, lr=args.lr, seq_len=args.seq_len, eval_every=10,
+                                batch_size=args.batch_size,
                                 patience=3, min_delta=0.005, max_seconds=args.expert_seconds)
         self.mix_cfg = MixConfig(capacity=max(64, len(self.domains) + 4))
         self.timing: dict[str, dict[str, Any]] = {}
@@ -189,7 +193,8 @@ class Bench:
             self.sets: dict[str, dict[str, list[str]]] = {}
             for split, docs in (("val", self.val), ("test", self.test)):
                 flat = [doc for d in self.domains for doc in docs[d]]
-                self.sets[split] = {"texts": [doc.text for doc in flat], "gold": [doc.domain for doc in flat],
+                cut = (lambda t: truncate_query(t, a.score_chars)) if a.score_chars else (lambda t: t)
+                self.sets[split] = {"texts": [cut(doc.text) for doc in flat], "gold": [doc.domain for doc in flat],
                                     "queries": [truncate_query(doc.text, a.query_chars) for doc in flat]}
             qs = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
             qs = [q for q in qs if q["domain"] in self.domains]
@@ -299,8 +304,8 @@ class Bench:
             texts = self.sets[split]["texts"]
             with _progress() as bar:
                 task = bar.add_task(f"score {cond}:{router}:{split}", total=2 * len(texts))
-                l1 = self.scorer.score(texts, top1_mix(run.ranked[split]), progress=lambda n: bar.advance(task, n))
-                l3 = self.scorer.score(texts, run.mix3[split], progress=lambda n: bar.advance(task, n))
+                l1 = self.scorer.score(texts, top1_mix(run.ranked[split]), progress=lambda n, b=bar, t=task: b.advance(t, n))
+                l3 = self.scorer.score(texts, run.mix3[split], progress=lambda n, b=bar, t=task: b.advance(t, n))
             loss = {"top1": macro(l1, gold, self.domains)["mean"], "top3": macro(l3, gold, self.domains)["mean"]}
             if split == "test":
                 res.update(top1=acc["top1"], top3=acc["top3"], n=acc["n"], loss=loss)
@@ -315,7 +320,7 @@ class Bench:
         else:
             self.report.setdefault("routing_desc_only", {})[router] = res
         rec.update(top1=res["top1"], top3=res["top3"], loss=res["loss"], questions=res["questions_top1"])
-        console.print(f"[{cond}] {router}: top-1 {res['top1']:.3f} top-3 {res['top3']:.3f}; loss top-1 "
+        console.print(f"({cond}) {router}: top-1 {res['top1']:.3f} top-3 {res['top3']:.3f}; loss top-1 "
                       f"{loss_fmt(res['loss']['top1'])} top-3 {loss_fmt(res['loss']['top3'])}; questions "
                       f"{loss_fmt(res['questions_top1'])}")
 
@@ -391,7 +396,7 @@ class Bench:
                 self.report[key] = default
                 self._judge(cond, "label_free", self._route(eng, name_of, "trained", "label_free"), rec,
                             strategy="trained", train=info, pairs=len(queries))
-                console.print(f"[{cond}] verdict: beats keys on held-out pairs = {rep.validation.get('beats_keys')} "
+                console.print(f"({cond}) verdict: beats keys on held-out pairs = {rep.validation.get('beats_keys')} "
                               f"(mix {rep.validation.get('mix')}); default router: {default}")
 
     def route_arrow(self) -> None:
@@ -443,7 +448,7 @@ class Bench:
             for s, mixes in fixed.items():
                 with _progress() as bar:
                     task = bar.add_task(f"score {s}", total=len(texts))
-                    self._record(s, self.scorer.score(texts, mixes, progress=lambda k: bar.advance(task, k)))
+                    self._record(s, self.scorer.score(texts, mixes, progress=lambda k, b=bar, t=task: b.advance(t, k)))
             if best is None:
                 for s in ("routed_top1", "routed_mix"):
                     self.loss[s] = skipped("no engine router ran")

@@ -497,9 +497,9 @@ def train_supervised_router(engine: Loramix, texts: Sequence[str], labels: Seque
             rng = np.random.default_rng(cfg.seed)
             for step in range(cfg.steps + 1):
                 if step % cfg.eval_every == 0 or step == cfg.steps:
-                    acc, ce = score(lin)
-                    if best is None or (acc, -ce) > (best[0], -best[1]):
-                        best = (acc, ce, step, wd, {k: v.detach().clone() for k, v in lin.state_dict().items()})
+                    val_acc, ce = score(lin)
+                    if best is None or (val_acc, -ce) > (best[0], -best[1]):
+                        best = (val_acc, ce, step, wd, {k: v.detach().clone() for k, v in lin.state_dict().items()})
                 if step == cfg.steps:
                     break
                 b = torch.as_tensor(rng.choice(len(train_idx), size=min(cfg.batch_size, len(train_idx)), replace=False))
