@@ -33,17 +33,20 @@ def split_val_test(docs: Sequence[Any], n_val: int, seed: int, domain: str) -> t
 
 
 def query_target(text: str, query_chars: int, target_words: int) -> tuple[str, str] | None:
-    """The benchmark query (first ``query_chars`` characters at a word boundary) and the next
-    ``target_words`` words of the text as its continuation; None when nothing follows the query."""
+    """A (query, continuation) pair like the benchmark's queries: the first ``query_chars`` characters
+    at a word boundary, or the first half of the words when the text is not longer than that (most
+    dictionary senses are short), then the next ``target_words`` words; None for texts of < 2 words."""
     from loramix.evaluate.routing import truncate_query
 
     flat = " ".join(text.split())
-    q = truncate_query(flat, query_chars)
-    rest = flat[len(q):]
-    words = re.findall(r"\S+", rest)[:target_words]
-    if not words:
+    words = re.findall(r"\S+", flat)
+    if len(words) < 2:
         return None
-    return q, " " + " ".join(words)
+    q = truncate_query(flat, query_chars)
+    if len(q) >= len(flat):
+        q = " ".join(words[: max(1, len(words) // 2)])
+    rest = re.findall(r"\S+", flat[len(q):])[:target_words]
+    return q, " " + " ".join(rest)
 
 
 class Scorer:

@@ -35,7 +35,8 @@ def test_split_val_test_keeps_a_key_on_one_side() -> None:
 def test_query_target_cuts_the_query_like_the_benchmark_and_a_short_continuation() -> None:
     text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
     assert query_target(text, 16, 3) == ("alpha beta gamma", " delta epsilon zeta")
-    assert query_target("short text", 200, 5) is None  # nothing follows the query
+    assert query_target("one two three four five", 200, 5) == ("one two", " three four five")  # short: half
+    assert query_target("single", 200, 5) is None
 
 
 def test_scorer_caches_rows_and_keys_them_by_adapter_fingerprint(tmp_path: Path, tiny_base_dir: Path) -> None:

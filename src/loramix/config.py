@@ -182,6 +182,7 @@ class RouterTrainConfig:
     mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # trained-vs-key score interpolation, tuned on val
     tau_grid: tuple[float, ...] = (0.03, 0.1, 0.3)  # kl targets tried when tau is None, picked on val
     min_gain: float = 0.0  # nats: the head beats the keys only if its val routed loss is lower by more
+    verdict_z: float = 2.0  # ... and the paired per-pair gain is at least this many standard errors
     seed: int = 0
 
     def __post_init__(self) -> None:

@@ -406,12 +406,20 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
     mix = min(mix_keys, key=lambda m: (mix_keys[m], m))  # ties: closer to the keys
     mix_scores = {m: v[0] for m, v in mix_keys.items()}
     routed = mix_scores[mix]
-    beats = bool(mix > 0 and routed < keys_loss - cfg.min_gain - 1e-9)
+    with torch.no_grad():  # paired per-pair gain of the chosen scores over the keys
+        lv = loss_t[tv]
+        chosen = (mix * trained_val + (1 - mix) * untrained_logits).argmax(dim=1, keepdim=True)  # (V, 1)
+        gain = lv.gather(1, untrained_logits.argmax(dim=1, keepdim=True)) - lv.gather(1, chosen)  # (V, 1)
+        g_mean = float(gain.mean())
+        g_se = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else float("inf")
+    beats = bool(mix > 0 and g_mean > cfg.min_gain + 1e-9 and g_mean > cfg.verdict_z * g_se)
     validation = {"n_val": int(len(val_idx)), "routed_loss_keys": keys_loss, "routed_loss_trained": routed,
+                  "gain": g_mean, "gain_se": g_se, "z": cfg.verdict_z,
                   "mix": mix, "mix_losses": {str(m): v for m, v in mix_scores.items()}, "tau": tau,
                   "tau_losses": {str(f[0]): f[2][0] for f in fits}, "best_step": best_step, "beats_keys": beats,
                   "min_gain": cfg.min_gain,
-                  "rule": "trained is the default strategy only when beats_keys (held-out routed loss < keys')"}
+                  "rule": "beats_keys: on the held-out pairs the routed loss is lower than the keys' by more than "
+                          "min_gain and by more than z standard errors of the paired per-pair gain"}
     best = p.argmax(dim=1)  # (N,)
 
     def evaluate(idx: np.ndarray) -> tuple[float, float, float]:
