@@ -356,7 +356,7 @@ class Bench:
             cfg = RouterTrainConfig(seed=self.args.seed, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
             rep = train_supervised_router(self.engine, [truncate_query(doc.text, self.args.query_chars) for doc in docs],
                                           [doc.domain for doc in docs], cfg, progress=True)
-            rec["train"] = rep.to_dict()
+            rec["train"] = {k: v for k, v in rep.to_dict().items() if k != "path"}
             self._judge("a", "supervised", self._route(self.engine, self.name_of, "supervised", "supervised"), rec,
                         strategy="supervised", train={k: v for k, v in rep.to_dict().items() if k != "path"})
 
@@ -610,7 +610,10 @@ class Bench:
         from loramix.config import RouteConfig
 
         a = self.args
-        return {"mode": "quick" if a.quick else "full", "domains": self.domains, "seed": a.seed,
+        preset = PRESETS["quick" if a.quick else "full"]
+        reduced = bool(a.domains or a.score_chars) or any(getattr(a, k) != v for k, v in preset.items())
+        mode = ("quick" if a.quick else "full") + (" (reduced: options changed)" if reduced else "")
+        return {"mode": mode, "domains": self.domains, "seed": a.seed, "score_chars": a.score_chars,
                 "train_per_domain": a.train_per_domain, "val_per_domain": a.val_per_domain,
                 "test_per_domain": a.test_per_domain, "n_test": len(getattr(self, "test_docs", [])),
                 "n_val": len(getattr(self, "sets", {}).get("val", {}).get("gold", [])),

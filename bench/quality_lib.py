@@ -47,13 +47,19 @@ SETTING_NOTES = {
 }
 NOTES = [
     "Routing queries are the held-out texts cut to their first ~200 characters at a word boundary (a query, not the "
-    "whole document); the loss settings score the full held-out text under the mixture routed from that query.",
+    "whole document); the loss settings score the held-out text (its first --score-chars characters when given) "
+    "under the mixture routed from that query.",
     "Losses are per-text mean token NLL (float32), averaged per domain; 'mean' is the macro mean over domains.",
-    "The best engine router (highest top-1 among untrained, label_free, supervised, arrow) is picked on these same "
-    "held-out queries; tfidf is a baseline only (not an engine strategy).",
-    "label_free trains on training texts split into query / continuation with no labels; supervised trains on "
-    "training texts cut like the queries, labelled with their domain.",
-    "Without --cluster-train, cluster routing uses the segment-mean keys a cluster expert would get, without "
-    "training the cluster experts (their weights do not change semantic routing).",
+    "The held-out texts are split by headword into validation and test. The best engine router (lowest validation "
+    "loss of its top-3 mixture), the label-free head's tau / early stopping / interpolation, the supervised head's "
+    "weight decay and step, and refine's thresholds are all chosen on validation (or on the router's own held-out "
+    "pairs); every figure in the tables is on test. tfidf is a floor only (not an engine strategy).",
+    "label_free trains on (query, continuation) pairs cut from training texts (query like the benchmark's, or half "
+    "the words of a short text; 24-32 word continuation) with no labels; its default-router verdict needs a paired "
+    "gain over the keys of more than 2 standard errors on its held-out pairs. supervised is a linear head over "
+    "frozen MiniLM initialised at the keys, trained with cross-entropy on training texts cut like the queries.",
+    "Condition b (routing_desc_only): the same adapter weights in a second library keyed by one line of "
+    "description each (DESCRIPTIONS in bench/quality_lib.py).",
+    "Cluster routing uses the segment-mean keys a cluster expert would get, without training cluster experts.",
     "Timing: wall and process CPU seconds per stage; the machine's load (other processes) inflates wall time.",
 ]
