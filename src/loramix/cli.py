@@ -39,7 +39,7 @@ Home = Annotated[Path | None, typer.Option("--home", envvar="LORAMIX_HOME", help
 Base = Annotated[str | None, typer.Option("--base", envvar="LORAMIX_BASE", help="Local Hugging Face causal-LM folder.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 K = Annotated[int, typer.Option("--k", help="Adapters per query.")]
-Strategy = Annotated[str | None, typer.Option("--strategy", help="semantic | tags | hybrid | trained | supervised | arrow (default: trained once `loramix train router` ran, else semantic).")]
+Strategy = Annotated[str | None, typer.Option("--strategy", help="semantic | tags | hybrid | trained | supervised | arrow (default: trained where the trained head's stored held-out check says it beats the keys, else semantic).")]
 Temp = Annotated[float, typer.Option("--route-temperature", help="Softmax temperature for mixture weights.")]
 Tags = Annotated[str, typer.Option("--tags", help="Only adapters with all these comma-separated tags.")]
 Bf16 = Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (often slower on CPU).")]

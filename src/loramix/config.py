@@ -107,8 +107,17 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_examples: int = 4000  # cap on training texts read from a source
     seed: int = 0
+    # plateau stopping on the held-out split (eval_fraction of the texts): every ``eval_every`` steps
+    # (0: never) the eval loss is measured; training stops after ``patience`` evals without a gain of
+    # ``min_delta`` nats, or after ``max_seconds``; the best evaluated weights are kept. ``steps`` caps it.
+    eval_every: int = 0
+    patience: int = 3
+    min_delta: float = 0.005
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0 or self.patience < 1:
+            raise ConfigError("eval_every must be >= 0 and patience >= 1")
         if self.rank < 1:
             raise ConfigError(f"rank must be at least 1, got {self.rank}")
         if not 0.0 <= self.layers_from < 1.0:
@@ -200,7 +209,13 @@ class RouterTrainConfig:
     max_words: int = 128  # split_texts: words kept per text
     max_pairs: int = 2000  # cap on (query, target) pairs
     max_len: int = 256  # tokens of query + target scored
-    gumbel_tau: float = 1.0  # supervised baseline: Gumbel-softmax temperature
+    gumbel_tau: float = 1.0  # kept for old configs; the supervised head now trains with cross-entropy
+    target_words: int | None = None  # split_texts: words of the continuation kept (None: all); short = cheap
+    eval_every: int = 10  # steps between validation checks (early stopping on the routed loss)
+    mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # trained-vs-key score interpolation, tuned on val
+    tau_grid: tuple[float, ...] = (0.03, 0.1, 0.3)  # kl targets tried when tau is None, picked on val
+    min_gain: float = 0.0  # nats: the head beats the keys only if its val routed loss is lower by more
+    verdict_z: float = 2.0  # ... and the paired per-pair gain is at least this many standard errors
     seed: int = 0
 
     def __post_init__(self) -> None:
