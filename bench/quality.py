@@ -1,30 +1,34 @@
 #!/usr/bin/env python
-"""Quality benchmark on real corpora: experts, routers, mixing and merging, measured on held-out text.
+"""Quality benchmark on real corpora: experts, routers judged by the loss they deliver, mixing, merging, refine.
 
-    python bench/quality.py --out DIR [--quick] [--steps N] [--train-per-domain N] [--test-per-domain N]
-                            [--domains a,b,c] [--cluster-train] [--refine-per-domain N]
+    python bench/quality.py --out DIR [--quick] [--domains a,b,c] [--steps N] [--expert-seconds S]
+                            [--train-per-domain N] [--val-per-domain N] [--test-per-domain N]
 
 Stages (each timed; an optional one that cannot run is recorded as "skipped: <reason>"):
 
-1. data      ``build_benchmark(domains, train, test, seed)``: split by headword, deduplicated across domains.
-2. experts   one adapter per domain, named after it, trained into ``DIR/library`` and keyed by its training
-             examples. Cached: an adapter whose name exists with the same fingerprint (domain, training
-             texts, TrainConfig, base) in ``meta.source`` is reused; a stale one is retrained. Adapters that
-             are not benchmark domains are removed (they would be routed to).
-3. routing   held-out texts cut to their first ``--query-chars`` (200) characters at a word boundary are
-             the queries (a query, not the document); gold = the text's domain. Routers: ``tfidf``
-             (nearest TF-IDF centroid of the training texts), ``untrained`` (strategy semantic, keys =
-             mean example embedding), ``supervised`` (``train_supervised_router`` on training texts cut
-             the same way, labelled by domain), ``label_free`` (``train_router`` on training texts split
-             into query/continuation, no labels), ``arrow`` (weights only), and ``clusters`` (k-means
-             segments of the training texts: ARI vs the domains; routing to segment keys mapped to each
-             segment's majority domain).
-4. loss      mean token NLL of the full held-out texts under base, oracle, routed_top1 and routed_mix
-             (best engine router by top-1; top-3 softmax mixture) and uniform (all adapters in one row).
-5. merged    all adapters merged with weights 1/N: merged_linear = exact average of the deltas (method
-             "cat"; PEFT's factor-wise "linear" has cross terms and is reported as merged_linear_peft),
-             merged_ties = TIES (density 0.5) on the dense deltas, SVD back to rank sum(ranks) ("ties_svd").
-6. refine    ``loramix.refine.refine_eval`` on a few held-out (query, continuation) pairs.
+1. data      ``build_benchmark``: train / held-out split by headword, deduplicated across domains; the
+             held-out texts are cut again by headword into a validation split (``--val-per-domain``) and
+             a test split. Every choice (best router, router hyper-parameters, refine thresholds) is
+             made on validation; every reported figure is on test.
+2. experts   one adapter per domain, trained to a plateau of its own held-out loss (eval every 10
+             steps, patience 3, at most ``--steps`` steps and ``--expert-seconds`` seconds), into
+             ``DIR/library``, keyed by its training examples (condition a). ``DIR/library_desc`` holds
+             the same weights keyed by a one-line description only (condition b, ``DESCRIPTIONS``).
+             Both cached by fingerprint (domain, texts, TrainConfig, base).
+3. routers   tfidf (floor), untrained (keys), label_free (perplexity-distilled head: (query,
+             continuation) pairs from the training texts, no labels; early stopping, tau and the
+             interpolation with the keys picked on held-out pairs; the verdict stored with the head),
+             supervised (linear head over frozen MiniLM, cross-entropy, 300 labelled texts per domain
+             cut like the queries, tuned on held-out texts), arrow (weights only; with a diagnostic of
+             its prototypes). In condition b: untrained and label_free. Each router routes the val
+             and test queries (first ``--query-chars`` characters of a held-out text) and the
+             hand-written questions (``bench/questions.jsonl``); its top-1 and top-3 mixtures are
+             scored on the full held-out texts (cached in ``DIR/scores.json``).
+4. loss      base, oracle, uniform, and routed_top1 / routed_mix of the best router (lowest validation
+             loss of its top-3 mixture).
+5. merged    uniform merges (exact average, TIES).
+6. refine    thresholds calibrated on validation prompts (a forced run scores every choice), applied on
+             test; the routed-to-oracle loss gap recovered on the hard subset (first route wrong).
 7. report    DIR/report.json, DIR/report.md, DIR/confusion.png, DIR/loss_bars.png.
 """
 
@@ -34,6 +38,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import os
 import shutil
 import signal
 import sys
@@ -45,24 +50,20 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quality_lib import NOTES, PRESETS, QUICK_DOMAINS, SETTING_NOTES  # bench/ is sys.path[0]
+from quality_eval import RouterRun, Scorer, arrow_diagnostics, macro, query_target, split_val_test, top1_mix
+from quality_lib import DESCRIPTIONS, NOTES, PRESETS, QUICK_DOMAINS, SETTING_NOTES  # bench/ is sys.path[0]
 
-ROUTE_CHUNK = 32  # queries per route_batch call (arrow runs the base model on a whole batch at once)
-SCORE_CHUNK = 48  # texts per score_texts call (progress granularity)
+ROUTE_CHUNK = 32
+QUESTIONS = Path(__file__).resolve().parent / "questions.jsonl"
+ENGINE_ROUTERS = {"untrained": "semantic", "label_free": "trained", "supervised": "supervised", "arrow": "arrow"}
+DESC_ROUTERS = ("untrained", "label_free")
 console = Console(highlight=False)
 
 
 class Skip(Exception):
-    """An optional stage cannot run (e.g. a module that has not landed)."""
+    """An optional stage cannot run."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -72,23 +73,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     def dflt(key: str) -> str:
         return f" (default {f[key]}; --quick {q[key]})"
 
-    p.add_argument("--out", required=True, type=Path, help="output folder (library, report, plots)")
-    p.add_argument("--quick", action="store_true", help=f"{len(QUICK_DOMAINS)} domains, fewer steps and texts")
+    p.add_argument("--out", required=True, type=Path, help="output folder (libraries, caches, report, plots)")
+    p.add_argument("--quick", action="store_true", help=f"{len(QUICK_DOMAINS)} domains, smaller budgets")
     p.add_argument("--domains", help="comma-separated domains (default: all 18; quick: " + ",".join(QUICK_DOMAINS) + ")")
-    p.add_argument("--steps", type=int, help="training steps per expert" + dflt("steps"))
-    p.add_argument("--lr", type=float, default=1e-3, help="expert learning rate (default %(default)s)")
-    p.add_argument("--seq-len", type=int, default=96,
-                   help="expert training sequence length in tokens (default %(default)s)")
+    p.add_argument("--steps", type=int, help="max training steps per expert" + dflt("steps"))
+    p.add_argument("--expert-seconds", type=float, help="time budget per expert" + dflt("expert_seconds"))
+    p.add_argument("--lr", type=float, default=2e-3, help="expert learning rate (default %(default)s)")
+    p.add_argument("--seq-len", type=int, default=64, help="expert training sequence length (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8, help="expert training batch size (default %(default)s)")
+    p.add_argument("--score-chars", type=int, default=0,
+                   help="score each held-out text's first N characters (word boundary); 0: the whole text")
     p.add_argument("--train-per-domain", type=int, help="training texts per domain" + dflt("train_per_domain"))
-    p.add_argument("--test-per-domain", type=int, help="held-out texts per domain" + dflt("test_per_domain"))
-    p.add_argument("--router-pairs-per-domain", type=int, help="(query, continuation) pairs per domain for label_free" + dflt("router_pairs_per_domain"))
-    p.add_argument("--router-k", type=int, help="candidates per query when training label_free" + dflt("router_k"))
+    p.add_argument("--val-per-domain", type=int, help="validation texts per domain" + dflt("val_per_domain"))
+    p.add_argument("--test-per-domain", type=int, help="test texts per domain" + dflt("test_per_domain"))
+    p.add_argument("--router-pairs-per-domain", type=int, help="label_free (query, continuation) pairs per domain" + dflt("router_pairs_per_domain"))
+    p.add_argument("--router-k", type=int, help="label_free candidates per query" + dflt("router_k"))
     p.add_argument("--router-steps", type=int, default=None, help="router head steps (default RouterTrainConfig)")
-    p.add_argument("--refine-per-domain", type=int, help="held-out prompts per domain for refine, 0: skip" + dflt("refine_per_domain"))
-    p.add_argument("--cluster-train", action="store_true",
-                   help="also train one expert per k-means segment (DIR/clusters, as many steps as the experts)")
+    p.add_argument("--target-words", type=int, default=32, help="label_free continuation length in words")
+    p.add_argument("--refine-per-domain", type=int, help="val prompts per domain for refine calibration, 0: skip" + dflt("refine_per_domain"))
     p.add_argument("--query-chars", type=int, default=200, help="routing queries: first N characters of a text")
     p.add_argument("--base", default=None, help="base model folder (default: loramix's default base)")
+    p.add_argument("--stop-after", choices=["data", "experts"], help="stop after this stage (to warm the caches)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     preset = PRESETS["quick" if args.quick else "full"]
@@ -100,7 +105,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
+                    console=console, transient=False)
 
 
 def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
@@ -108,8 +113,12 @@ def _chunks(items: Sequence[Any], n: int) -> Iterator[Sequence[Any]]:
         yield items[i:i + n]
 
 
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")
+def _rel(path: Path) -> str:
+    """A path as the report may name it: relative to the working directory, else a placeholder."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return "OUT"
 
 
 class Bench:
@@ -125,15 +134,23 @@ class Bench:
         unknown = [d for d in self.domains if d not in DOMAINS]
         if unknown or len(self.domains) < 2:
             raise SystemExit(f"--domains: need at least 2 of {', '.join(DOMAINS)}; unknown: {unknown}")
-        self.tcfg = TrainConfig(steps=args.steps, seed=args.seed, lr=args.lr, seq_len=args.seq_len)
+        self.tcfg = TrainConfig(steps=args.steps, seed=args.seed, lr=args.lr, seq_len=args.seq_len, eval_every=10,
+                                batch_size=args.batch_size,
+                                patience=3, min_delta=0.005, max_seconds=args.expert_seconds)
         self.mix_cfg = MixConfig(capacity=max(64, len(self.domains) + 4))
         self.timing: dict[str, dict[str, Any]] = {}
         self.routing: dict[str, dict[str, Any]] = {}
-        self.routes: dict[str, list[Any]] = {}  # engine router -> Route per query
+        self.runs: dict[str, dict[str, RouterRun]] = {"a": {}, "b": {}}
         self.loss: dict[str, dict[str, Any]] = {}
-        self.report: dict[str, Any] = {"status": "running", "command": "python " + " ".join(sys.argv),
+        argv = ["--out", _rel(args.out)]
+        rest = list(sys.argv[1:])
+        if "--out" in rest:
+            i = rest.index("--out")
+            rest = rest[:i] + rest[i + 2:]
+        self.report: dict[str, Any] = {"status": "running", "command": " ".join(["python bench/quality.py", *argv, *rest]),
                                        "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.engine: Any = None
+        self.desc: Any = None
 
     # --- stage bookkeeping --------------------------------------------------------------------
     @contextlib.contextmanager
@@ -152,25 +169,11 @@ class Bench:
                 rec["status"] = f"failed: {type(e).__name__}: {e}"
                 raise
             rec["status"] = f"skipped: {type(e).__name__}: {e}"
-            console.print(f"[yellow]{name} skipped after an error:[/]\n{traceback.format_exc(limit=4)}")
+            console.print(f"[yellow]{name} skipped after an error:[/]\n{traceback.format_exc(limit=6)}")
         finally:
             rec["wall_s"] = round(time.perf_counter() - w0, 2)
             rec["cpu_s"] = round(time.process_time() - c0, 2)
             console.print(f"[dim]{name}: {rec['wall_s']:.1f} s wall, {rec['cpu_s']:.1f} s cpu ({rec['status']})")
-
-    @staticmethod
-    def need(module: str, *names: str) -> Any:
-        """Import ``names`` from ``module`` or Skip with the reason."""
-        import importlib
-
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            raise Skip(f"{module} is not available ({e})") from None
-        missing = [n for n in names if not hasattr(mod, n)]
-        if missing:
-            raise Skip(f"{module} has no {', '.join(missing)}")
-        return [getattr(mod, n) for n in names] if len(names) > 1 else getattr(mod, names[0])
 
     # --- 1. data ------------------------------------------------------------------------------
     def data(self) -> None:
@@ -179,21 +182,36 @@ class Bench:
 
         with self.stage("data") as rec:
             a = self.args
-            self.train, self.test = build_benchmark(self.domains, a.train_per_domain, a.test_per_domain, seed=a.seed)
-            empty = [d for d in self.domains if len(self.train[d]) < 8 or not self.test[d]]
+            self.train, held = build_benchmark(self.domains, a.train_per_domain, a.val_per_domain + a.test_per_domain,
+                                               seed=a.seed)
+            self.val, self.test = {}, {}
+            for d in self.domains:
+                self.val[d], self.test[d] = split_val_test(held[d], a.val_per_domain, a.seed, d)
+            empty = [d for d in self.domains if len(self.train[d]) < 8 or not self.test[d] or not self.val[d]]
             if empty:
                 raise SystemExit(f"domains with too few texts: {empty}")
+            self.sets: dict[str, dict[str, list[str]]] = {}
+            for split, docs in (("val", self.val), ("test", self.test)):
+                flat = [doc for d in self.domains for doc in docs[d]]
+                cut = (lambda t: truncate_query(t, a.score_chars)) if a.score_chars else (lambda t: t)
+                self.sets[split] = {"texts": [cut(doc.text) for doc in flat], "gold": [doc.domain for doc in flat],
+                                    "queries": [truncate_query(doc.text, a.query_chars) for doc in flat]}
+            qs = [json.loads(line) for line in QUESTIONS.read_text().splitlines() if line.strip()]
+            qs = [q for q in qs if q["domain"] in self.domains]
+            self.sets["questions"] = {"queries": [q["question"] for q in qs], "gold": [q["domain"] for q in qs],
+                                      "texts": []}
             self.test_docs = [doc for d in self.domains for doc in self.test[d]]
-            self.queries = [truncate_query(doc.text, a.query_chars) for doc in self.test_docs]
-            self.gold = [doc.domain for doc in self.test_docs]
+            self.gold = self.sets["test"]["gold"]
             rec["train"] = {d: len(self.train[d]) for d in self.domains}
+            rec["val"] = {d: len(self.val[d]) for d in self.domains}
             rec["test"] = {d: len(self.test[d]) for d in self.domains}
-            console.print(f"{len(self.domains)} domains; train {sum(rec['train'].values())} texts, "
-                          f"test {len(self.test_docs)} texts")
+            rec["questions"] = len(qs)
+            console.print(f"{len(self.domains)} domains; train {sum(rec['train'].values())}, val "
+                          f"{sum(rec['val'].values())}, test {len(self.test_docs)} texts, {len(qs)} questions")
 
     # --- 2. experts ---------------------------------------------------------------------------
     def fingerprint(self, domain: str, texts: Sequence[str]) -> str:
-        h = hashlib.sha256(json.dumps({"domain": domain, "train": asdict(self.tcfg), "base": str(self.base_path)},
+        h = hashlib.sha256(json.dumps({"domain": domain, "train": asdict(self.tcfg), "base": self.base_path.name},
                                       sort_keys=True).encode())
         for t in texts:
             h.update(t.encode() + b"\0")
@@ -208,62 +226,103 @@ class Bench:
             lib = eng.library
             for r in lib.list():
                 if r.name not in self.domains:
-                    console.print(f"[yellow]removing adapter {r.name!r}: not a benchmark domain of this run")
                     eng.remove_adapter(r.name)
             rec["trained"], rec["reused"], rec["experts"] = [], [], {}
+            self.fp: dict[str, str] = {}
             for i, d in enumerate(self.domains, 1):
                 texts = [doc.text for doc in self.train[d]]
-                fp = self.fingerprint(d, texts)
+                fp = self.fp[d] = self.fingerprint(d, texts)
                 if d in lib:
                     old = lib.get(d)
                     if old.meta.get("source") == fp:
                         rec["reused"].append(d)
                         rec["experts"][d] = old.meta.get("train", {})
-                        console.print(f"[{i}/{len(self.domains)}] {d}: reusing cached adapter ({fp})")
+                        console.print(f"[{i}/{len(self.domains)}] {d}: reusing cached adapter")
                         continue
-                    console.print(f"[yellow]{d}: cached adapter has another config; retraining")
                     eng.remove_adapter(d)
-                console.print(f"[{i}/{len(self.domains)}] training {d}: {len(texts)} texts, {self.tcfg.steps} steps")
+                console.print(f"[{i}/{len(self.domains)}] training {d}: {len(texts)} texts, <= {self.tcfg.steps} steps, "
+                              f"<= {self.tcfg.max_seconds} s")
                 _, report = eng.train_adapter(d, texts, self.tcfg, description=f"{d} expert (quality benchmark)",
                                               domain_tags=[d], source=fp, progress=True)
                 rec["trained"].append(d)
                 rec["experts"][d] = {k: v for k, v in report.items() if k != "losses"}
-                console.print(f"  eval loss {report['eval_loss_before']:.3f} -> {report['eval_loss_after']:.3f} "
-                              f"in {report['seconds']:.0f} s")
+                console.print(f"  eval loss {report['eval_loss_before']:.3f} -> {report['eval_loss_after']:.3f} in "
+                              f"{report['steps']} steps, {report['seconds']:.0f} s ({report['stop_reason']})")
             eng.router.sync()
             self.ids = {d: lib.get(d).id for d in self.domains}
             self.name_of = {v: k for k, v in self.ids.items()}
-            n_steps = len(rec["trained"]) * self.tcfg.steps
-            if n_steps:
-                rec["s_per_step"] = round(sum(rec["experts"][d]["seconds"] for d in rec["trained"]) / n_steps, 3)
+            ex = rec["experts"]
+            rec["stop_reasons"] = {d: ex[d].get("stop_reason") for d in self.domains}
+            rec["steps"] = {d: ex[d].get("steps") for d in self.domains}
+            rec["eval_loss_after"] = {d: ex[d].get("eval_loss_after") for d in self.domains}
+            self.scorer = Scorer(self.out / "scores.json", lambda: self.engine.mixer, self.ids,
+                                 {d: self.fp[d] for d in self.domains})
 
-    # --- 3. routing ---------------------------------------------------------------------------
-    def _route_all(self, strategy: str, label: str) -> list[Any]:
+    def desc_library(self) -> None:
+        """Condition b: the same weights in a second library, keyed by a one-line description only."""
+        from loramix.app import Loramix
+
+        with self.stage("desc_library") as rec:
+            self.desc = eng = Loramix(self.out / "library_desc", self.args.base, mix=self.mix_cfg)
+            lib = eng.library
+            for r in lib.list():
+                if r.name not in self.domains or r.meta.get("source") != self.fp.get(r.name):
+                    eng.remove_adapter(r.name)
+            for d in self.domains:
+                if d not in lib:
+                    eng.add_weights(self.engine.library.load(self.ids[d]), d, description=DESCRIPTIONS[d],
+                                    meta={"source": self.fp[d]})
+            eng.router.sync()
+            self.desc_name_of = {lib.get(d).id: d for d in self.domains}
+            rec["descriptions"] = {d: DESCRIPTIONS[d] for d in self.domains}
+
+    # --- 3. routers ---------------------------------------------------------------------------
+    def _route(self, eng: Any, name_of: dict[str, str], strategy: str, label: str) -> RouterRun:
         from loramix.config import RouteConfig
 
-        cfg = RouteConfig(k=3, strategy=strategy)
-        out: list[Any] = []
-        with _progress() as bar:
-            task = bar.add_task(f"route {label}", total=len(self.queries))
-            for chunk in _chunks(self.queries, ROUTE_CHUNK):
-                out += self.engine.router.route_batch(list(chunk), cfg)
-                bar.advance(task, len(chunk))
-        return out
+        run = RouterRun()
+        t0 = time.perf_counter()
+        for split in ("val", "test", "questions"):
+            qs = self.sets[split]["queries"]
+            routes: list[Any] = []
+            for chunk in _chunks(qs, ROUTE_CHUNK):
+                routes += eng.router.route_batch(list(chunk), RouteConfig(k=3, strategy=strategy))
+            run.ranked[split] = [[name_of.get(a.id, a.name) for a in r.adapters] for r in routes]
+            run.mix3[split] = [[(name_of.get(a.id, a.name), a.weight) for a in r.adapters] for r in routes]
+        run.seconds = time.perf_counter() - t0
+        console.print(f"routed {label} ({strategy}) in {run.seconds:.1f} s")
+        return run
 
-    def _measure(self, router: str, ranked: list[list[str]], rec: dict[str, Any], **extra: Any) -> None:
+    def _judge(self, cond: str, router: str, run: RouterRun, rec: dict[str, Any], **extra: Any) -> None:
+        """Accuracy on val/test/questions and the loss of the top-1 and top-3 mixtures on val and test."""
         from loramix.evaluate.routing import routing_accuracy
 
-        acc = routing_accuracy(ranked, self.gold, (1, 3))
-        self.routing[router] = {**acc, **extra}
-        rec.update(top1=acc["top1"], top3=acc["top3"])
-        console.print(f"{router}: top-1 {acc['top1']:.3f}, top-3 {acc['top3']:.3f}")
-
-    def _engine_router(self, router: str, strategy: str, rec: dict[str, Any]) -> None:
-        t0 = time.perf_counter()
-        routes = self._route_all(strategy, router)
-        self.routes[router] = routes
-        ranked = [[self.name_of.get(a.id, a.name) for a in r.adapters] for r in routes]
-        self._measure(router, ranked, rec, strategy=strategy, seconds=round(time.perf_counter() - t0, 2))
+        res: dict[str, Any] = {**extra, "seconds": round(run.seconds, 2)}
+        for split in ("val", "test"):
+            gold = self.sets[split]["gold"]
+            acc = routing_accuracy(run.ranked[split], gold, (1, 3))
+            texts = self.sets[split]["texts"]
+            with _progress() as bar:
+                task = bar.add_task(f"score {cond}:{router}:{split}", total=2 * len(texts))
+                l1 = self.scorer.score(texts, top1_mix(run.ranked[split]), progress=lambda n, b=bar, t=task: b.advance(t, n))
+                l3 = self.scorer.score(texts, run.mix3[split], progress=lambda n, b=bar, t=task: b.advance(t, n))
+            loss = {"top1": macro(l1, gold, self.domains)["mean"], "top3": macro(l3, gold, self.domains)["mean"]}
+            if split == "test":
+                res.update(top1=acc["top1"], top3=acc["top3"], n=acc["n"], loss=loss)
+                res["loss_detail"] = {"top1": macro(l1, gold, self.domains), "top3": macro(l3, gold, self.domains)}
+            else:
+                res["val"] = {"top1": acc["top1"], "top3": acc["top3"], "loss": loss}
+        qg = self.sets["questions"]["gold"]
+        res["questions_top1"] = routing_accuracy(run.ranked["questions"], qg, (1,))["top1"] if qg else None
+        self.runs[cond][router] = run
+        if cond == "a":
+            self.routing[router] = res
+        else:
+            self.report.setdefault("routing_desc_only", {})[router] = res
+        rec.update(top1=res["top1"], top3=res["top3"], loss=res["loss"], questions=res["questions_top1"])
+        console.print(f"({cond}) {router}: top-1 {res['top1']:.3f} top-3 {res['top3']:.3f}; loss top-1 "
+                      f"{loss_fmt(res['loss']['top1'])} top-3 {loss_fmt(res['loss']['top3'])}; questions "
+                      f"{loss_fmt(res['questions_top1'])}")
 
     def route_tfidf(self) -> None:
         from loramix.evaluate.routing import TfidfCentroidRouter
@@ -272,159 +331,143 @@ class Bench:
             docs = [doc for d in self.domains for doc in self.train[d]]
             t0 = time.perf_counter()
             tf = TfidfCentroidRouter().fit([doc.text for doc in docs], [doc.domain for doc in docs])
-            self._measure("tfidf", tf.rank(self.queries, k=3), rec, seconds=round(time.perf_counter() - t0, 2))
+            run = RouterRun()
+            for split in ("val", "test", "questions"):
+                run.ranked[split] = tf.rank(self.sets[split]["queries"], k=3)
+                run.mix3[split] = [[(n, 1.0 / len(r)) for n in r] for r in run.ranked[split]]
+            run.seconds = time.perf_counter() - t0
+            self._judge("a", "tfidf", run, rec, note="top-3 mixture: equal weights")
 
     def route_untrained(self) -> None:
         with self.stage("route:untrained", optional=True) as rec:
-            self._engine_router("untrained", "semantic", rec)
+            self._judge("a", "untrained", self._route(self.engine, self.name_of, "semantic", "untrained"), rec,
+                        strategy="semantic")
+        with self.stage("route_b:untrained", optional=True) as rec:
+            self._judge("b", "untrained", self._route(self.desc, self.desc_name_of, "semantic", "untrained"), rec,
+                        strategy="semantic")
 
     def route_supervised(self) -> None:
+        from loramix.config import RouterTrainConfig
         from loramix.evaluate.routing import truncate_query
+        from loramix.train.router import train_supervised_router
 
         with self.stage("route:supervised", optional=True) as rec:
-            train = self.need("loramix.train.router", "train_supervised_router")
-            RouterTrainConfig = self.need("loramix.config", "RouterTrainConfig")
             docs = [doc for d in self.domains for doc in self.train[d]]
             cfg = RouterTrainConfig(seed=self.args.seed, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
-            rep = train(self.engine, [truncate_query(doc.text, self.args.query_chars) for doc in docs],
-                        [doc.domain for doc in docs], cfg, progress=True)
-            rec["train"] = rep.to_dict() if hasattr(rep, "to_dict") else str(rep)
-            self._engine_router("supervised", "supervised", rec)
+            rep = train_supervised_router(self.engine, [truncate_query(doc.text, self.args.query_chars) for doc in docs],
+                                          [doc.domain for doc in docs], cfg, progress=True)
+            rec["train"] = {k: v for k, v in rep.to_dict().items() if k != "path"}
+            self._judge("a", "supervised", self._route(self.engine, self.name_of, "supervised", "supervised"), rec,
+                        strategy="supervised", train={k: v for k, v in rep.to_dict().items() if k != "path"})
+
+    def _pairs(self) -> tuple[list[str], list[str]]:
+        a = self.args
+        qs, ts = [], []
+        for d in self.domains:  # domain-balanced; the labels are not passed on
+            for doc in self.train[d][: a.router_pairs_per_domain]:
+                qt = query_target(doc.text, a.query_chars, a.target_words)
+                if qt:
+                    qs.append(qt[0])
+                    ts.append(qt[1])
+        return qs, ts
 
     def route_label_free(self) -> None:
-        with self.stage("route:label_free", optional=True) as rec:
-            train, split = self.need("loramix.train.router", "train_router", "split_texts")
-            RouterTrainConfig = self.need("loramix.config", "RouterTrainConfig")
-            n = self.args.router_pairs_per_domain
-            texts = [doc.text for d in self.domains for doc in self.train[d][:n]]  # domain-balanced, labels unused
-            queries, targets = split(texts)
-            cfg = RouterTrainConfig(k=max(2, min(self.args.router_k, len(self.domains))), seed=self.args.seed,
-                                    **({"steps": self.args.router_steps} if self.args.router_steps else {}))
-            rep = train(self.engine, queries, targets, cfg, progress=True)
-            rec["train"] = rep.to_dict() if hasattr(rep, "to_dict") else str(rep)
-            rec["pairs"] = len(queries)
-            self._engine_router("label_free", "trained", rec)
+        from loramix.config import RouterTrainConfig
+        from loramix.route.trained import default_strategy, router_dir
+        from loramix.train.router import LOSS_CACHE, train_router
+
+        queries, targets = self._pairs()
+        cfg = RouterTrainConfig(k=max(2, min(self.args.router_k, len(self.domains))), seed=self.args.seed,
+                                max_len=192, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
+        self.report["default_router"] = "untrained"
+        for cond, eng, name_of in (("a", self.engine, self.name_of), ("b", self.desc, self.desc_name_of)):
+            with self.stage(f"route{'' if cond == 'a' else '_b'}:label_free", optional=True) as rec:
+                if cond == "b":  # same weights, same rows: share the loss cache
+                    src = router_dir(self.engine.library) / LOSS_CACHE
+                    dst = router_dir(eng.library) / LOSS_CACHE
+                    if src.is_file():
+                        shutil.copyfile(src, dst)
+                rep = train_router(eng, queries, targets, cfg, progress=True)
+                info = {k: v for k, v in rep.to_dict().items() if k != "path"}
+                rec["train"] = info
+                rec["pairs"] = len(queries)
+                default = {"trained": "label_free"}.get(default_strategy(eng.library), "untrained")
+                key = "default_router" if cond == "a" else "default_router_desc_only"
+                self.report[key] = default
+                self._judge(cond, "label_free", self._route(eng, name_of, "trained", "label_free"), rec,
+                            strategy="trained", train=info, pairs=len(queries))
+                console.print(f"({cond}) verdict: beats keys on held-out pairs = {rep.validation.get('beats_keys')} "
+                              f"(mix {rep.validation.get('mix')}); default router: {default}")
 
     def route_arrow(self) -> None:
         with self.stage("route:arrow", optional=True) as rec:
-            self.need("loramix.route.arrow", "arrow")
-            self._engine_router("arrow", "arrow", rec)
+            diag = arrow_diagnostics({d: self.engine.library.load(self.ids[d]) for d in self.domains})
+            self.report["arrow_diagnostics"] = diag
+            console.print(f"arrow diagnostics: {diag}")
+            self._judge("a", "arrow", self._route(self.engine, self.name_of, "arrow", "arrow"), rec, strategy="arrow",
+                        diagnostics=diag)
 
     def clusters(self) -> None:
-        from loramix.evaluate.routing import map_ranking, rank_by_scores, routing_accuracy
+        from loramix.evaluate.routing import majority_labels, map_ranking, rank_by_scores, routing_accuracy
+        from loramix.train.experts import cluster_texts, segment_ari
 
         self.report["clusters"] = {"skipped": "did not run"}
         with self.stage("clusters", optional=True) as rec:
-            cluster_texts, segment_ari = self.need("loramix.train.experts", "cluster_texts", "segment_ari")
             docs = [doc for d in self.domains for doc in self.train[d]]
             texts, labels = [doc.text for doc in docs], [doc.domain for doc in docs]
             n = len(self.domains)
             res: dict[str, Any] = {"clusters": n, "texts": len(texts)}
-            if self.args.cluster_train:
-                res |= self._cluster_experts(texts, labels)
-            else:
-                from loramix.evaluate.routing import majority_labels
-
-                seg, cents = cluster_texts(texts, n, self.engine.router.encoder, self.args.seed)
-                res["ari"] = segment_ari(seg, labels)
-                # a cluster expert's routing key is the mean embedding of its segment = the k-means centroid
-                keys = cents / ((cents**2).sum(axis=1, keepdims=True) ** 0.5 + 1e-12)
-                qvecs = self.engine.router.encoder.encode(self.queries)
-                ranked = rank_by_scores(qvecs @ keys.T, list(range(n)))
-                mapping = majority_labels(seg.tolist(), labels)
-                res["routing"] = "keys only: segment-mean keys (what the router would store), no cluster experts trained"
-                res |= routing_accuracy(map_ranking(ranked, mapping), self.gold)
-                res["majority"] = {str(c): lb for c, lb in sorted(mapping.items())}
-            res["unmapped_domains"] = sorted(set(self.domains) - set(res.get("majority", {}).values()))
+            seg, cents = cluster_texts(texts, n, self.engine.router.encoder, self.args.seed)
+            res["ari"] = segment_ari(seg, labels)
+            keys = cents / ((cents**2).sum(axis=1, keepdims=True) ** 0.5 + 1e-12)
+            qvecs = self.engine.router.encoder.encode(self.sets["test"]["queries"])
+            mapping = majority_labels(seg.tolist(), labels)
+            res["routing"] = "keys only: segment-mean keys (what the router would store), no cluster experts trained"
+            res |= routing_accuracy(map_ranking(rank_by_scores(qvecs @ keys.T, list(range(n))), mapping), self.gold)
+            res["majority"] = {str(c): lb for c, lb in sorted(mapping.items())}
+            res["unmapped_domains"] = sorted(set(self.domains) - set(res["majority"].values()))
             self.report["clusters"] = res
             rec.update({k: res.get(k) for k in ("ari", "top1", "top3")})
-            console.print(f"clusters: ARI {res['ari']:.3f}, mapped top-1 {res.get('top1', float('nan')):.3f}")
-
-    def _cluster_experts(self, texts: list[str], labels: list[str]) -> dict[str, Any]:
-        """Train one expert per k-means segment (train_experts) in DIR/clusters and route to them."""
-        from collections import Counter
-
-        from loramix.app import Loramix
-        from loramix.config import RouteConfig
-        from loramix.evaluate.report import loss_table
-        from loramix.evaluate.routing import map_ranking, routing_accuracy
-        from loramix.evaluate.score import score_texts
-
-        train_experts = self.need("loramix.train.experts", "train_experts")
-        home = self.out / "clusters"
-        shutil.rmtree(home, ignore_errors=True)  # segment names are fixed: retrain from scratch
-        ce = Loramix(home, self.args.base, mix=self.mix_cfg)
-        rep = train_experts(ce, texts, len(self.domains), self.tcfg, prefix="cluster", seed=self.args.seed,
-                            true_labels=labels, source="quality-bench clusters", progress=True, log=console.print)
-        mapping = {s["name"]: Counter(s["labels"]).most_common(1)[0][0] for s in rep["segments"] if s.get("labels")}
-        routes: list[Any] = []
-        for chunk in _chunks(self.queries, ROUTE_CHUNK):
-            routes += ce.router.route_batch(list(chunk), RouteConfig(k=3, strategy="semantic"))
-        ranked = map_ranking([[a.name for a in r.adapters] for r in routes], mapping)
-        scores = score_texts(ce.mixer, [d.text for d in self.test_docs], [r.mixture for r in routes])
-        per: dict[str, list[float]] = {}
-        for doc, s in zip(self.test_docs, scores, strict=True):
-            per.setdefault(doc.domain, []).append(s.loss)
-        self.loss["clusters_mix"] = loss_table(per, self.domains)
-        return {"ari": rep["ari"], "routing": "semantic routing to trained cluster experts", "majority": mapping,
-                **routing_accuracy(ranked, self.gold), "skipped_segments": len(rep["skipped"])}
 
     # --- 4./5. loss ---------------------------------------------------------------------------
-    def _score(self, mm: Any, label: str, mixtures: list[Any]) -> list[float]:
-        from loramix.evaluate.score import score_texts
-
-        texts = [doc.text for doc in self.test_docs]
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        out = [float("nan")] * len(texts)
-        t0 = time.perf_counter()
-        with _progress() as bar:
-            task = bar.add_task(f"score {label}", total=len(texts))
-            for chunk in _chunks(order, SCORE_CHUNK):
-                for i, s in zip(chunk, score_texts(mm, [texts[i] for i in chunk], [mixtures[i] for i in chunk]),
-                                strict=True):
-                    out[i] = s.loss
-                bar.advance(task, len(chunk))
-        self.report.setdefault("score_seconds", {})[label] = round(time.perf_counter() - t0, 2)
-        return out
-
-    def _record_loss(self, setting: str, losses: list[float]) -> None:
-        from loramix.evaluate.report import loss_table
-
-        per: dict[str, list[float]] = {}
-        for doc, x in zip(self.test_docs, losses, strict=True):
-            per.setdefault(doc.domain, []).append(x)
-        self.loss[setting] = loss_table(per, self.domains)
+    def _record(self, setting: str, losses: list[float]) -> None:
+        self.loss[setting] = macro(losses, self.gold, self.domains)
         console.print(f"{setting}: mean loss {self.loss[setting]['mean']:.4f}")
 
     def losses(self) -> None:
-        from loramix.evaluate.report import best_router, skipped
+        from loramix.evaluate.report import skipped
 
         with self.stage("loss") as rec:
-            best = best_router(self.routing)
+            texts, n = self.sets["test"]["texts"], len(self.domains)
+            cands = {r: self.routing[r] for r in ENGINE_ROUTERS if r in self.runs["a"]}
+            best = min(cands, key=lambda r: (cands[r]["val"]["loss"]["top3"], -cands[r]["val"]["top1"])) if cands else None
             self.report["best_router"] = best
-            n = len(self.domains)
-            mixtures: dict[str, list[Any]] = {
-                "base": [[] for _ in self.test_docs],
-                "oracle": [[(self.ids[doc.domain], 1.0)] for doc in self.test_docs],
-                "uniform": [[(self.ids[d], 1.0 / n) for d in self.domains] for _ in self.test_docs],
-            }
-            if best is not None:
-                routes = self.routes[best]
-                mixtures["routed_top1"] = [[(r.adapters[0].id, 1.0)] if r.adapters else [] for r in routes]
-                mixtures["routed_mix"] = [r.mixture for r in routes]
-            else:
+            self.report["best_router_rule"] = "lowest validation loss of the top-3 mixture (ties: higher val top-1)"
+            fixed = {"base": [[] for _ in texts], "oracle": [[(g, 1.0)] for g in self.gold],
+                     "uniform": [[(d, 1.0 / n) for d in self.domains] for _ in texts]}
+            for s, mixes in fixed.items():
+                with _progress() as bar:
+                    task = bar.add_task(f"score {s}", total=len(texts))
+                    self._record(s, self.scorer.score(texts, mixes, progress=lambda k, b=bar, t=task: b.advance(t, k)))
+            if best is None:
                 for s in ("routed_top1", "routed_mix"):
                     self.loss[s] = skipped("no engine router ran")
-            mm = self.engine.mixer
-            for setting in ("base", "oracle", "routed_top1", "routed_mix", "uniform"):
-                if setting in mixtures:
-                    self._record_loss(setting, self._score(mm, setting, mixtures[setting]))
-            rec["rows"] = len(self.test_docs) * len(mixtures)
+            else:
+                run = self.runs["a"][best]
+                self._record("routed_top1", self.scorer.score(texts, top1_mix(run.ranked["test"])))
+                self._record("routed_mix", self.scorer.score(texts, run.mix3["test"]))
+            lbr: dict[str, Any] = {s: {"top1": self.loss[s]["mean"], "top3": self.loss[s]["mean"]} for s in ("base", "oracle")}
+            for r, e in self.routing.items():
+                if e.get("loss"):
+                    lbr[r] = dict(e["loss"])
+            self.report["loss_by_router"] = lbr
+            rec["scored_rows"] = self.scorer.scored
 
     def merged(self) -> None:
         from loramix.base import load_base
         from loramix.config import MixConfig
         from loramix.evaluate.report import skipped
+        from loramix.evaluate.score import score_texts
         from loramix.mix import MixedModel, merge
 
         for s in ("merged_linear", "merged_ties"):
@@ -434,42 +477,75 @@ class Bench:
             weights = [lib.load(self.ids[d]) for d in self.domains]
             coeffs = [1.0 / n] * n
             ranks = sum(w.rank for w in weights)
-            t0 = time.perf_counter()
             merged = {"merged_linear": merge(weights, coeffs, "cat"),
-                      "merged_ties": merge(weights, coeffs, "ties_svd", density=0.5, svd_rank=ranks, seed=self.args.seed),
-                      "merged_linear_peft": merge(weights, coeffs, "linear")}
-            rec["merge_seconds"] = round(time.perf_counter() - t0, 2)
+                      "merged_ties": merge(weights, coeffs, "ties_svd", density=0.5, svd_rank=ranks, seed=self.args.seed)}
             rec["ranks"] = {k: v.rank for k, v in merged.items()}
             mm = MixedModel(load_base(self.args.base), merged.__getitem__,
                             MixConfig(capacity=4, max_rank=max(w.rank for w in merged.values())))
+            texts = self.sets["test"]["texts"]
             for name in merged:
-                self._record_loss(name, self._score(mm, name, [[(name, 1.0)]] * len(self.test_docs)))
+                self._record(name, [s.loss for s in score_texts(mm, texts, [[(name, 1.0)]] * len(texts))])
             del mm
 
     # --- 6. refine ----------------------------------------------------------------------------
     def refine(self) -> None:
+        from loramix.config import RefineConfig, RouteConfig
+        from loramix.evaluate.score import score_texts
+        from loramix.refine import apply_thresholds, calibrate, refine_eval, summarize
+        from loramix.train.router import split_texts
+
         self.report["refine"] = {"skipped": "did not run"}
         with self.stage("refine", optional=True) as rec:
             if self.args.refine_per_domain <= 0:
                 raise Skip("--refine-per-domain 0")
-            refine_eval = self.need("loramix.refine", "refine_eval")
-            split = self.need("loramix.train.router", "split_texts")
-            from loramix.config import RefineConfig, RouteConfig
-            from loramix.evaluate.report import STRATEGY_OF
-
             best = self.report.get("best_router")
-            if best is None:
+            if best not in ENGINE_ROUTERS:
                 raise Skip("no engine router ran")
-            texts = [doc.text for d in self.domains for doc in self.test[d][: self.args.refine_per_domain]]
-            prompts, targets = split(texts)
-            res = refine_eval(self.engine, prompts, targets, RouteConfig(k=3, strategy=STRATEGY_OF[best]),
-                              RefineConfig(enabled=True))
-            keep = ("n", "triggered", "changed", "loss_without", "loss_with", "delta", "improved", "worsened", "chosen")
-            self.report["refine"] = {"router": best, "config": asdict(RefineConfig(enabled=True)),
-                                     **{k: res.get(k) for k in keep}}
-            rec.update({k: res.get(k) for k in ("n", "delta")})
-            console.print(f"refine: loss {res['loss_without']:.4f} -> {res['loss_with']:.4f} "
-                          f"({res['changed']}/{res['n']} changed)")
+            rcfg = RouteConfig(k=3, strategy=ENGINE_ROUTERS[best])
+            force = RefineConfig(enabled=True, action="auto")
+
+            def prompts_of(docs: list[Any]) -> tuple[list[str], list[str], list[str]]:
+                ps, ts = split_texts([doc.text for doc in docs], target_words=self.args.target_words)
+                return ps, ts, [doc.domain for doc in docs]  # split_texts keeps every text of >= 2 words
+
+            vdocs = [doc for d in self.domains for doc in self.val[d][: self.args.refine_per_domain]]
+            vp, vt, _ = prompts_of(vdocs)
+            cal = calibrate(refine_eval(self.engine, vp, vt, rcfg, force, force=True)["rows"])
+            rec["calibrated"] = {k: cal[k] for k in ("max_prompt_loss", "max_entropy")}
+            # test: every prompt whose first route is wrong (hard) and a few others per domain
+            tp, tt, tg = prompts_of(self.test_docs)
+            first = self.engine.router.route_batch(tp, rcfg)
+            wrong = [not r.adapters or self.name_of[r.adapters[0].id] != g for r, g in zip(first, tg, strict=True)]
+            per: dict[str, int] = {}
+            pick = []
+            for i, g in enumerate(tg):
+                if wrong[i] or per.get(g, 0) < self.args.refine_per_domain:
+                    pick.append(i)
+                    per[g] = per.get(g, 0) + (not wrong[i])
+            p, t, g = [tp[i] for i in pick], [tt[i] for i in pick], [tg[i] for i in pick]
+            hard = [wrong[i] for i in pick]
+            rows = apply_thresholds(refine_eval(self.engine, p, t, rcfg, force, force=True)["rows"],
+                                    cal["max_prompt_loss"], cal["max_entropy"])
+            with self.engine._lock:
+                oracle = [s.loss for s in score_texts(self.engine.mixer, p, [[(self.ids[x], 1.0)] for x in g], targets=t)]
+            hard_rows = [r for r, h in zip(rows, hard, strict=True) if h]
+            rest_rows = [r for r, h in zip(rows, hard, strict=True) if not h]
+            gap = sum(r["loss_without"] - o for r, o, h in zip(rows, oracle, hard, strict=True) if h)
+            got = sum(r["loss_without"] - r["loss_with"] for r in hard_rows)
+            rest_w = sum(r["loss_without"] for r in rest_rows)
+            rest_change = (sum(r["loss_with"] for r in rest_rows) - rest_w) / rest_w if rest_w else None
+            self.report["refine"] = {
+                "router": best, "calibrated_on": f"{len(vp)} validation prompts (forced run, every choice scored)",
+                **{k: cal[k] for k in ("max_prompt_loss", "max_entropy")},
+                "val": {k: v for k, v in cal.items() if k not in ("max_prompt_loss", "max_entropy")},
+                **summarize(rows),
+                "hard": {**summarize(hard_rows), "oracle": sum(o for o, h in zip(oracle, hard, strict=True) if h) / max(len(hard_rows), 1),
+                         "gap": gap, "recovered": got, "recovered_share": got / gap if gap > 0 else None},
+                "rest": {**summarize(rest_rows), "relative_change": rest_change},
+            }
+            rec.update(n=len(rows), hard=len(hard_rows))
+            share = self.report["refine"]["hard"]["recovered_share"]
+            console.print(f"refine: hard {len(hard_rows)} prompts, recovered share {share}; rest change {rest_change}")
 
     # --- 7. report ----------------------------------------------------------------------------
     def write(self, error: str | None = None) -> None:
@@ -491,10 +567,14 @@ class Bench:
             reason = next((t["status"] for k, t in self.timing.items() if k == f"route:{r}" and t["status"] != "ok"),
                           "stage did not run")
             self.routing.setdefault(r, skipped(reason, ("top1", "top3")))
-        order = [*SETTINGS, *sorted(set(self.loss) - set(SETTINGS))]
-        self.report["loss"] = {s: self.loss[s] for s in order}
+        self.report["loss"] = {s: self.loss[s] for s in [*SETTINGS, *sorted(set(self.loss) - set(SETTINGS))]}
         self.report["routing"] = {r: self.routing[r] for r in [*ROUTERS, *sorted(set(self.routing) - set(ROUTERS))]}
-        self.report["targets"] = evaluate_targets(self.report["loss"], self.report["routing"])
+        self.report["questions"] = {r: e.get("questions_top1") for r, e in self.routing.items()}
+        self.report["questions_desc_only"] = {r: e.get("questions_top1")
+                                              for r, e in self.report.get("routing_desc_only", {}).items()}
+        self.report.setdefault("routing_desc_only", {})
+        self.report.setdefault("default_router", None)
+        self.report["targets"] = evaluate_targets(self.report["loss"], self.report["routing"], self.report)
         total = sum(t.get("wall_s", 0) for t in self.timing.values())
         self.report["timing"] = {**self.timing, "total": {"wall_s": round(total, 1), "status": "sum of stages"}}
         self.report["config"] = self.config()
@@ -504,23 +584,23 @@ class Bench:
         self.report["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
         self.report["notes"] = list(NOTES)
         u, m = self.loss["uniform"].get("mean"), self.loss["merged_linear"].get("mean")
-        if u is not None and m is not None:  # 1/N of every adapter in one row == the averaged delta
+        if u is not None and m is not None:
             self.report["sanity"] = {"uniform_minus_merged_linear": u - m, "ok": abs(u - m) < 1e-3}
             self.report["notes"].append(f"Sanity: uniform and merged_linear are the same model (the mean of the "
                                         f"deltas), and their mean losses differ by {u - m:+.2e}.")
         plots: dict[str, str] = {}
         best = self.report.get("best_router")
         try:
-            if best in self.routes and hasattr(self, "name_of"):
-                pred = [self.name_of.get(r.adapters[0].id) if r.adapters else None for r in self.routes[best]]
-                m = confusion_matrix(pred, self.gold, self.domains)
-                self.report["confusion"] = {"router": best, "labels": self.domains, "matrix": m.tolist()}
-                plot_confusion(m, self.domains, self.out / "confusion.png", f"routing confusion: {best} (top-1)")
+            if best in self.runs["a"]:
+                pred = [r[0] if r else None for r in self.runs["a"][best].ranked["test"]]
+                mat = confusion_matrix(pred, self.gold, self.domains)
+                self.report["confusion"] = {"router": best, "labels": self.domains, "matrix": mat.tolist()}
+                plot_confusion(mat, self.domains, self.out / "confusion.png", f"routing confusion: {best} (top-1)")
                 plots[f"Routing confusion ({best})"] = "confusion.png"
             if any(self.loss[s].get("mean") is not None for s in self.loss):
                 plot_loss_bars(self.report["loss"], self.domains, self.out / "loss_bars.png")
                 plots["Loss per domain and setting"] = "loss_bars.png"
-        except Exception:  # a plot must not lose the numbers
+        except Exception:
             console.print(f"[red]plotting failed:[/]\n{traceback.format_exc(limit=3)}")
         write_report_json(self.out / "report.json", self.report, strict=error is None)
         (self.out / "report.md").write_text(render_markdown(self.report, plots), encoding="utf-8")
@@ -530,22 +610,33 @@ class Bench:
         from loramix.config import RouteConfig
 
         a = self.args
-        return {"mode": "quick" if a.quick else "full", "domains": self.domains, "seed": a.seed,
-                "train_per_domain": a.train_per_domain, "test_per_domain": a.test_per_domain,
-                "n_test": len(getattr(self, "test_docs", [])), "query_chars": a.query_chars,
-                "train": asdict(self.tcfg), "mix": asdict(self.mix_cfg),
+        preset = PRESETS["quick" if a.quick else "full"]
+        reduced = bool(a.domains or a.score_chars) or any(getattr(a, k) != v for k, v in preset.items())
+        mode = ("quick" if a.quick else "full") + (" (reduced: options changed)" if reduced else "")
+        return {"mode": mode, "domains": self.domains, "seed": a.seed, "score_chars": a.score_chars,
+                "train_per_domain": a.train_per_domain, "val_per_domain": a.val_per_domain,
+                "test_per_domain": a.test_per_domain, "n_test": len(getattr(self, "test_docs", [])),
+                "n_val": len(getattr(self, "sets", {}).get("val", {}).get("gold", [])),
+                "query_chars": a.query_chars, "train": asdict(self.tcfg), "mix": asdict(self.mix_cfg),
                 "route": {"k": 3, "weights": "softmax", "temperature": RouteConfig().temperature},
                 "router_pairs_per_domain": a.router_pairs_per_domain, "router_k": a.router_k,
-                "router_steps": a.router_steps, "refine_per_domain": a.refine_per_domain,
-                "cluster_train": a.cluster_train, "base": str(getattr(self, "base_path", a.base or "default")),
-                "library": str(self.out / "library"), "settings": SETTING_NOTES}
+                "router_steps": a.router_steps, "target_words": a.target_words,
+                "refine_per_domain": a.refine_per_domain, "device": "cpu (torch threads: "
+                f"{__import__('torch').get_num_threads()}, {os.cpu_count()} cores)",
+                "base": getattr(self, "base_path", Path(a.base or "default")).name,
+                "library": "OUT/library", "library_desc": "OUT/library_desc", "settings": SETTING_NOTES}
 
     def run(self) -> int:
         t0 = time.perf_counter()
         error = None
         try:
             self.data()
+            if self.args.stop_after == "data":
+                return 0
             self.experts()
+            if self.args.stop_after == "experts":
+                return 0
+            self.desc_library()
             for step in (self.route_tfidf, self.route_untrained, self.route_supervised, self.route_label_free,
                          self.route_arrow, self.clusters, self.losses, self.merged, self.refine):
                 step()
@@ -553,28 +644,35 @@ class Bench:
             error = f"{type(e).__name__}: {e}"
             console.print(f"[red]benchmark failed:[/]\n{traceback.format_exc()}")
         finally:
-            self.write(error)
+            if self.args.stop_after is None or error:
+                self.write(error)
         console.rule(f"done in {time.perf_counter() - t0:.0f} s")
-        self.summary()
+        if self.args.stop_after is None:
+            self.summary()
         return 1 if error else 0
 
     def summary(self) -> None:
         from rich.table import Table
 
-        t = Table("setting", "mean loss")
-        for s, e in self.report["loss"].items():
-            t.add_row(s, "–" if e.get("mean") is None else f"{e['mean']:.4f}")
+        t = Table("router", "top-1", "top-3", "loss top-1", "loss top-3", "questions")
+        for cond, table in (("a", self.report["routing"]), ("b", self.report.get("routing_desc_only", {}))):
+            for r, e in table.items():
+                loss = e.get("loss") or {}
+                t.add_row(f"{cond}:{r}", loss_fmt(e.get("top1")), loss_fmt(e.get("top3")), loss_fmt(loss.get("top1")),
+                          loss_fmt(loss.get("top3")), loss_fmt(e.get("questions_top1")))
         console.print(t)
-        t = Table("router", "top-1", "top-3")
-        for r, e in self.report["routing"].items():
-            t.add_row(r, *("–" if e.get(k) is None else f"{e[k]:.3f}" for k in ("top1", "top3")))
-        console.print(t)
+        console.print(f"best router (val): {self.report.get('best_router')}; default router: "
+                      f"{self.report.get('default_router')}")
         for name, tg in self.report["targets"].items():
             console.print(f"target {name}: {tg['value']} -> {tg['pass']}")
 
 
+def loss_fmt(x: Any) -> str:
+    return "–" if x is None else f"{x:.3f}"
+
+
 def _on_sigterm(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")  # run() then still writes the partial report
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

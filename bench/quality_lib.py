@@ -6,10 +6,32 @@ from typing import Any
 
 QUICK_DOMAINS = ["zoology", "botany", "law", "music", "computing", "bible"]
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": {"steps": 30, "train_per_domain": 300, "test_per_domain": 30, "router_pairs_per_domain": 16,
-             "router_k": 4, "refine_per_domain": 1},
-    "quick": {"steps": 16, "train_per_domain": 150, "test_per_domain": 12, "router_pairs_per_domain": 10,
-              "router_k": 3, "refine_per_domain": 1},
+    "full": {"steps": 400, "train_per_domain": 300, "test_per_domain": 16, "val_per_domain": 10,
+             "router_pairs_per_domain": 60, "router_k": 8, "refine_per_domain": 6, "expert_seconds": 240.0},
+    "quick": {"steps": 200, "train_per_domain": 300, "test_per_domain": 16, "val_per_domain": 10,
+              "router_pairs_per_domain": 40, "router_k": 6, "refine_per_domain": 4, "expert_seconds": 110.0},
+}
+
+# One line per domain, as someone who downloaded an adapter would have it: the desc-only key condition.
+DESCRIPTIONS = {
+    "zoology": "Zoology: animals, their anatomy, habits and classification.",
+    "botany": "Botany: plants, their parts, growth and families.",
+    "chemistry": "Chemistry: elements, compounds and chemical reactions.",
+    "medicine": "Medicine: diseases, symptoms, anatomy and treatment.",
+    "law": "Law: legal terms, courts, contracts and property.",
+    "nautical": "Nautical: ships, sailing and seamanship.",
+    "geology": "Geology: rocks, minerals and the structure of the earth.",
+    "physics": "Physics: force, energy, light, heat and electricity.",
+    "mathematics": "Mathematics: numbers, geometry, algebra and calculus.",
+    "music": "Music: notes, scales, instruments and composition.",
+    "architecture": "Architecture: buildings, their parts and styles.",
+    "military": "Military: armies, ranks, weapons and warfare.",
+    "religion": "Religion: church, theology, clergy and worship.",
+    "grammar": "Grammar: parts of speech, syntax and rhetoric.",
+    "heraldry": "Heraldry: coats of arms, shields and their charges.",
+    "computing": "Computing: software, hardware, programming and networks.",
+    "bible": "The Bible: the King James text of the Old and New Testaments.",
+    "c-api": "C library and system calls: Unix manual pages for C programmers.",
 }
 
 SETTING_NOTES = {
@@ -25,13 +47,19 @@ SETTING_NOTES = {
 }
 NOTES = [
     "Routing queries are the held-out texts cut to their first ~200 characters at a word boundary (a query, not the "
-    "whole document); the loss settings score the full held-out text under the mixture routed from that query.",
+    "whole document); the loss settings score the held-out text (its first --score-chars characters when given) "
+    "under the mixture routed from that query.",
     "Losses are per-text mean token NLL (float32), averaged per domain; 'mean' is the macro mean over domains.",
-    "The best engine router (highest top-1 among untrained, label_free, supervised, arrow) is picked on these same "
-    "held-out queries; tfidf is a baseline only (not an engine strategy).",
-    "label_free trains on training texts split into query / continuation with no labels; supervised trains on "
-    "training texts cut like the queries, labelled with their domain.",
-    "Without --cluster-train, cluster routing uses the segment-mean keys a cluster expert would get, without "
-    "training the cluster experts (their weights do not change semantic routing).",
+    "The held-out texts are split by headword into validation and test. The best engine router (lowest validation "
+    "loss of its top-3 mixture), the label-free head's tau / early stopping / interpolation, the supervised head's "
+    "weight decay and step, and refine's thresholds are all chosen on validation (or on the router's own held-out "
+    "pairs); every figure in the tables is on test. tfidf is a floor only (not an engine strategy).",
+    "label_free trains on (query, continuation) pairs cut from training texts (query like the benchmark's, or half "
+    "the words of a short text; 24-32 word continuation) with no labels; its default-router verdict needs a paired "
+    "gain over the keys of more than 2 standard errors on its held-out pairs. supervised is a linear head over "
+    "frozen MiniLM initialised at the keys, trained with cross-entropy on training texts cut like the queries.",
+    "Condition b (routing_desc_only): the same adapter weights in a second library keyed by one line of "
+    "description each (DESCRIPTIONS in bench/quality_lib.py).",
+    "Cluster routing uses the segment-mean keys a cluster expert would get, without training cluster experts.",
     "Timing: wall and process CPU seconds per stage; the machine's load (other processes) inflates wall time.",
 ]

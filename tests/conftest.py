@@ -34,3 +34,10 @@ def _one_thread(request: pytest.FixtureRequest) -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Nothing in the test run may reach a model hub (loramix sets this at its own entry points)."""
+    from loramix.config import offline_env
+
+    offline_env()

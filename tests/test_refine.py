@@ -11,7 +11,15 @@ from loramix.app import Loramix
 from loramix.base import BaseModel
 from loramix.config import GenerateConfig, RefineConfig, RouteConfig
 from loramix.errors import ConfigError
-from loramix.refine import decide, refine_eval, without
+from loramix.refine import (
+    apply_thresholds,
+    calibrate,
+    count_choices,
+    decide,
+    refine_eval,
+    summarize,
+    without,
+)
 from loramix.testing import HashEncoder, random_lora
 
 PROMPT = "botany is the study of plants"
@@ -105,14 +113,40 @@ def test_refine_eval(engine: Loramix) -> None:
     targets = [" and zoology is the study of animals.", " in the morning."]
     rcfg = RouteConfig(k=2)
     res = refine_eval(engine, prompts, targets, rcfg, RefineConfig(action="base"), force=True)
-    assert res["n"] == 2 and res["changed"] == 2 and res["chosen"] == {"base": 2}
+    assert res["n"] == 2 and res["changed"] == 2
+    assert res["chosen"] == {"widen": 0, "drop": 0, "base": 2, "keep": 0, "none": 0}
     base = [engine.score(p + t)["loss"] for p, t in zip(prompts, targets, strict=True)]
     assert all(np.isfinite(r["loss_with"]) and np.isfinite(r["loss_without"]) for r in res["rows"])
     assert res["loss_with"] != pytest.approx(res["loss_without"])
     assert res["loss_with"] < max(base) + 10  # scored the targets only: a sane number
     none = refine_eval(engine, prompts, targets, rcfg, RefineConfig(max_prompt_loss=1e9, max_entropy=1e9))
     assert none["triggered"] == 0 and none["delta"] == pytest.approx(0.0)
+    assert none["chosen"]["none"] == 2 and sum(none["chosen"].values()) == none["n"]  # untriggered rows counted
     assert not engine.library.events(engine.library.ids()[0])
+
+
+def test_summary_counts_every_choice() -> None:
+    rows = [{"triggered": False, "chosen": None, "loss_without": 2.0, "loss_with": 2.0},
+            {"triggered": True, "chosen": "keep", "loss_without": 3.0, "loss_with": 3.0},
+            {"triggered": True, "chosen": "drop", "loss_without": 3.0, "loss_with": 2.5},
+            {"triggered": True, "chosen": "drop", "loss_without": 1.0, "loss_with": 1.5}]
+    s = summarize(rows)
+    assert s["chosen"] == {"widen": 0, "drop": 2, "base": 0, "keep": 1, "none": 1}
+    assert sum(s["chosen"].values()) == s["n"] == 4
+    assert (s["triggered"], s["changed"], s["improved"], s["worsened"]) == (3, 2, 1, 1)
+    assert count_choices([None, None, "widen"]) == {"widen": 1, "drop": 0, "base": 0, "keep": 0, "none": 2}
+
+
+def test_calibrate_picks_thresholds_that_lower_the_mean_loss() -> None:
+    # refining helps where the prompt loss is high (> 5) and hurts where it is low
+    forced = [{"prompt_loss": pl, "entropy": 1.0, "triggered": True, "chosen": "drop",
+               "loss_without": 3.0, "loss_with": 3.0 + (-0.5 if pl > 5 else 0.4)} for pl in (2.0, 4.0, 6.0, 8.0)]
+    cal = calibrate(forced)
+    assert cal["max_entropy"] is None and 4.0 <= cal["max_prompt_loss"] < 6.0
+    assert cal["triggered"] == 2 and cal["loss_with"] == pytest.approx(3.0 - 0.25)
+    assert cal["chosen"]["none"] == 2
+    never = apply_thresholds(forced, None, None)
+    assert all(r["loss_with"] == r["loss_without"] and r["chosen"] is None for r in never)
 
 
 def test_refine_config_is_checked() -> None:

@@ -7,6 +7,7 @@ Heavy parts load lazily: routing never loads the base model, listing never loads
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -18,10 +19,22 @@ import numpy as np
 import torch
 
 from loramix.base import BaseModel, base_linear_shapes, load_base, maybe_autocast, resolve_base_path
-from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig, home_dir
-from loramix.errors import ConfigError
+from loramix.config import (
+    MAX_WEIGHT,
+    GenerateConfig,
+    MixConfig,
+    RefineConfig,
+    RouteConfig,
+    ScoreConfig,
+    TrainConfig,
+    home_dir,
+)
+from loramix.errors import ConfigError, short
 from loramix.lora import LoraWeights
 from loramix.store import AdapterRecord, Library
+from loramix.store.faults import fault
+from loramix.store.peft_io import check_folder
+from loramix.store.records import check_name
 
 if TYPE_CHECKING:  # keeps start-up light
     from loramix.mix import MixedModel
@@ -45,19 +58,41 @@ class Answer:
                 "generate_ms": round(self.generate_ms, 1), "tokens": self.tokens, **self.info}
 
 
+def check_weight(w: object, what: str) -> float:
+    """A mixture or merge weight: a finite number of magnitude at most MAX_WEIGHT (negative subtracts)."""
+    try:
+        f = float(w)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        f = math.nan
+    if isinstance(w, bool) or not math.isfinite(f) or abs(f) > MAX_WEIGHT:
+        raise ConfigError(f"{what} is {short(repr(w))}; expected a finite number between -{MAX_WEIGHT:g} and "
+                          f"{MAX_WEIGHT:g}")
+    return f
+
+
+def check_text(text: object, what: str) -> str:
+    """A non-blank string (a query, or a text to score)."""
+    if not isinstance(text, str):
+        raise ConfigError(f"{what} is a {type(text).__name__}; expected a string")
+    if not text.strip():
+        raise ConfigError(f"{what} is empty; expected some text")
+    return text
+
+
 def parse_mixture(spec: str) -> list[tuple[str, float]]:
     """``"name:0.7,other:0.3"`` (weights default to equal shares) -> [(name, weight), ...]."""
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
-        raise ConfigError(f"empty adapter list {spec!r}; expected 'name:weight,name:weight'")
+        raise ConfigError(f"empty adapter list {short(repr(spec))}; expected 'name:weight,name:weight'")
     out: list[tuple[str, float]] = []
     for item in items:
         name, _, w = item.partition(":")
         try:
             weight = float(w) if w else 1.0 / len(items)
         except ValueError:
-            raise ConfigError(f"bad weight {w!r} for adapter {name!r}; expected a number as in 'name:0.5'") from None
-        out.append((name, weight))
+            raise ConfigError(f"bad weight {short(repr(w))} for adapter {short(repr(name))}; expected a number as in "
+                              "'name:0.5'") from None
+        out.append((name, check_weight(weight, f"the weight of adapter {short(repr(name))}")))
     return out
 
 
@@ -160,15 +195,19 @@ class Loramix:
 
         ``owner``: the tenant it belongs to (None: the shared library); ``public``: visible to all tenants.
         """
+        check_name(name)  # the cheap checks first: loading the base model's config takes seconds
+        check_folder(path)
         lib = self.library
         lib.base_shapes = base_linear_shapes(self._base_arg)
         rec = lib.add(path, name, description=description, domain_tags=domain_tags, skill_tags=skill_tags,
                       examples=list(examples) if examples else None, owner=owner, public=public)
+        fault("add.after_commit")  # a crash here leaves the adapter unkeyed: the next engine start keys it
         self.router.compute_key(rec.id)
         return self.library.get(rec.id)
 
     def add_weights(self, weights: LoraWeights, name: str, **kw: Any) -> AdapterRecord:
         rec = self.library.add_weights(weights, name, **kw)
+        fault("add.after_commit")
         self.router.compute_key(rec.id)
         return self.library.get(rec.id)
 
@@ -185,23 +224,27 @@ class Loramix:
         """Merge library adapters into a new ordinary library adapter (key from the union of examples)."""
         from loramix.mix import merge
 
+        weights = [check_weight(w, f"merge weight {i}") for i, w in enumerate(weights)]
         recs = [self.library.get(n) for n in names]
         merged = merge([self.library.load(r.id) for r in recs], list(weights), method, seed=seed, **kw)
         examples = [e for r in recs for e in self.library.examples(r.id)][:256]
         tags = sorted({t for r in recs for t in r.domain_tags})
         desc = description or "merge of " + ", ".join(r.name for r in recs) + f" ({method})"
+        fault("merge.before_add")
         return self.add_weights(merged, new_name, description=desc, domain_tags=tags, examples=examples or None,
                                 meta={"merged_from": [r.name for r in recs], "weights": list(weights), "method": method})
 
     # --- routing ------------------------------------------------------------------------------
     def route(self, query: str, cfg: RouteConfig | None = None, tenant: str | None = None) -> Route:
         """The route among the adapters ``tenant`` may see (None: all of them)."""
-        return self.router.route(query, cfg or RouteConfig(), tenant=tenant)
+        return self.router.route(check_text(query, "the query"), cfg or RouteConfig(), tenant=tenant)
 
     def resolve(self, mixture: Sequence[tuple[str, float]],
                 tenant: str | None = None) -> list[tuple[AdapterRecord, float]]:
-        """Names or ids -> records, with a clear error for an unknown one (or one ``tenant`` may not see)."""
-        return [(self.library.get(n, tenant=tenant), w) for n, w in mixture]
+        """Names or ids -> records, with a clear error for an unknown one (or one ``tenant`` may not see)
+        or a bad weight."""
+        return [(self.library.get(n, tenant=tenant), check_weight(w, f"the weight of adapter {short(repr(n))}"))
+                for n, w in mixture]
 
     def _mixture_for(self, query: str, adapters: Sequence[tuple[str, float]] | None,
                      route: RouteConfig | None) -> tuple[list[tuple[str, float]], list[dict[str, Any]], float]:
@@ -215,14 +258,46 @@ class Loramix:
 
     # --- scoring ------------------------------------------------------------------------------
     def score(self, text: str, adapters: Sequence[tuple[str, float]] | None = None,
-              route: RouteConfig | None = None) -> dict[str, Any]:
-        """Mean token NLL of ``text`` under a given mixture, a routed one, or the base model."""
+              route: RouteConfig | None = None, cfg: ScoreConfig | None = None) -> dict[str, Any]:
+        """Mean token NLL of ``text`` under a given mixture, a routed one, or the base model.
+
+        Refused (ConfigError): a blank text, one with fewer than 2 tokens (the first token is only
+        context, so nothing would be scored), and one over ``cfg.max_tokens`` tokens.
+        """
+        cfg = cfg or ScoreConfig()
+        self._check_score_text(text, cfg)
+        mixture, shown, _ = self._mixture_for(text, adapters, route)
+        return {**self.score_mixture(text, mixture, cfg), "adapters": shown}
+
+    def _check_score_text(self, text: str, cfg: ScoreConfig) -> int:
+        check_text(text, "the text to score")
+        if len(text) > cfg.max_chars:
+            raise ConfigError(f"the text to score has {len(text):,} characters, over the limit of {cfg.max_chars:,} "
+                              f"characters (16 x ScoreConfig.max_tokens = {cfg.max_tokens:,} tokens); expected a "
+                              "shorter text")
+        n_tokens = len(self.base.tokenizer(text, add_special_tokens=False)["input_ids"])
+        if n_tokens > cfg.max_tokens:
+            raise ConfigError(f"the text to score has {n_tokens:,} tokens, over the limit of {cfg.max_tokens:,} tokens "
+                              "(ScoreConfig.max_tokens); expected a shorter text")
+        return n_tokens
+
+    def score_mixture(self, text: str, mixture: Sequence[tuple[str, float]],
+                      cfg: ScoreConfig | None = None) -> dict[str, Any]:
+        """``{"loss", "tokens"}`` of ``text`` under a mixture of adapter ids (library or in-memory ones),
+        with the same checks as :meth:`score`."""
         from loramix.evaluate.score import score_texts
 
-        mixture, shown, _ = self._mixture_for(text, adapters, route)
+        cfg = cfg or ScoreConfig()
+        n_tokens = self._check_score_text(text, cfg)
         with self._lock:
-            s = score_texts(self.mixer, [text], [mixture])[0]
-        return {"loss": s.loss, "tokens": s.tokens, "adapters": shown}
+            s = score_texts(self.mixer, [text], [list(mixture)], max_len=cfg.max_len, logits_mib=cfg.logits_mib)[0]
+        if s.tokens == 0:
+            raise ConfigError(f"nothing to score: the text has {n_tokens} token(s) and the first is only context; "
+                              "expected at least 2 tokens")
+        if not math.isfinite(s.loss):
+            raise ConfigError(f"the loss came out {s.loss}; the mixture's weights or adapters make the model's "
+                              "output non-finite")
+        return {"loss": s.loss, "tokens": s.tokens}
 
     # --- generation ---------------------------------------------------------------------------
     def chat_ids(self, prompt: str) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from loramix.config import cache_dir
+from loramix.config import cache_dir, offline_env
 from loramix.errors import BaseModelError
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ def default_base_path() -> Path:
     if (target / "model.safetensors").exists() and (target / "config.json").exists():
         return target
     gguf = _gguf_location()
+    offline_env()
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -121,6 +122,7 @@ def load_base(base: str | Path | None = None, dtype: torch.dtype = torch.float32
     key = (str(path.resolve()), str(dtype))
     if cache and key in _CACHE:
         return _CACHE[key]
+    offline_env()
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -152,6 +154,7 @@ def maybe_autocast(bf16: bool) -> Iterator[None]:
 
 def base_linear_shapes(base: str | Path | None = None) -> dict[str, tuple[int, int]]:
     """The linear-layer shapes of a base model from its config alone (built on the meta device)."""
+    offline_env()
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_base_path(base)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,8 +14,16 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig
-from loramix.errors import LoramixError
+from loramix.config import (
+    GenerateConfig,
+    MixConfig,
+    RefineConfig,
+    RouteConfig,
+    ScoreConfig,
+    TrainConfig,
+    offline_env,
+)
+from loramix.errors import ConfigError, LoramixError, one_line, short
 from loramix.serve.settings import ServeSettings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -21,20 +32,21 @@ adapters_app = typer.Typer(no_args_is_help=True, help="Manage the adapter librar
 train_app = typer.Typer(no_args_is_help=True, help="Train expert adapters and the router.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(train_app, name="train")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # soft_wrap: no hard line breaks at 80 columns when piped
 out = Console(highlight=False, soft_wrap=True)
 
 Home = Annotated[Path | None, typer.Option("--home", envvar="LORAMIX_HOME", help="Library folder (default ~/.loramix).")]
 Base = Annotated[str | None, typer.Option("--base", envvar="LORAMIX_BASE", help="Local Hugging Face causal-LM folder.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 K = Annotated[int, typer.Option("--k", help="Adapters per query.")]
-Strategy = Annotated[str | None, typer.Option("--strategy", help="semantic | tags | hybrid | trained | supervised | arrow (default: trained once `loramix train router` ran, else semantic).")]
+Strategy = Annotated[str | None, typer.Option("--strategy", help="semantic | tags | hybrid | trained | supervised | arrow (default: trained where the trained head's stored held-out check says it beats the keys, else semantic).")]
 Temp = Annotated[float, typer.Option("--route-temperature", help="Softmax temperature for mixture weights.")]
 Tags = Annotated[str, typer.Option("--tags", help="Only adapters with all these comma-separated tags.")]
 Bf16 = Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (often slower on CPU).")]
 
 _R, _G, _T, _M = RouteConfig(), GenerateConfig(), TrainConfig(), MixConfig()
-_RF = RefineConfig()
+_RF, _S = RefineConfig(), ScoreConfig()
+InputFile = Annotated[Path | None, typer.Option("--file", help="Read the text from this file ('-': standard input).")]
 
 
 def _engine(home: Path | None, base: str | None = None, bf16: bool = False):
@@ -56,8 +68,46 @@ def _route_cfg(k: int, strategy: str | None, temperature: float, tags: str, home
     return RouteConfig(k=k, strategy=strategy, temperature=temperature, tags=_csv(tags))
 
 
+def _finite(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by None, so the JSON is strict."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def _print_json(obj: Any) -> None:
-    out.print(json.dumps(obj, default=str), markup=False, highlight=False)
+    """Strict JSON on one line: never bare NaN or Infinity (non-finite numbers print as null)."""
+    sys.stdout.write(json.dumps(_finite(obj), default=str, allow_nan=False) + "\n")
+
+
+def _read_input(path: Path, what: str) -> str:
+    """A UTF-8 text from a file or, for '-', standard input; refused past the score size limit."""
+    limit = 4 * _S.max_chars  # bytes: UTF-8 takes at most 4 per character
+    try:
+        if str(path) == "-":
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as e:
+        raise ConfigError(f"cannot read {what} from {short(str(path))}: {one_line(e.strerror or e)}") from None
+    if len(data) > limit:
+        raise ConfigError(f"{what} in {short(str(path))} is over the limit of {limit:,} bytes (4 x 16 x "
+                          f"ScoreConfig.max_tokens); expected a shorter text")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} in {short(str(path))} is not UTF-8 text ({one_line(e)})") from None
+
+
+def _one_of(text: str | None, file: Path | None, what: str, flags: str) -> str:
+    if (text is None) == (file is None):
+        raise typer.BadParameter(f"give exactly one of {flags}")
+    return text if text is not None else _read_input(file, what)  # type: ignore[arg-type]
 
 
 def _show_route(adapters: list[dict[str, Any]]) -> None:
@@ -168,6 +218,28 @@ def adapters_audit(home: Home = None, limit: Annotated[int, typer.Option("--limi
     out.print(table)
 
 
+@adapters_app.command("gc")
+def adapters_gc(home: Home = None,
+                dry_run: Annotated[bool, typer.Option("--dry-run", help="Only report what would be removed.")] = False,
+                stale_after: Annotated[float, typer.Option("--stale-after", help="Keep temp files younger than this many seconds (an import may be writing them).")] = 3600.0,
+                as_json: Json = False) -> None:
+    """Remove leftover temp files, trash and orphan blobs (safe while other processes use the library)."""
+    from loramix.store import Library
+
+    if not stale_after >= 0:
+        raise typer.BadParameter(f"--stale-after must be >= 0, got {stale_after}")
+    rep = Library(home).gc(stale_after=stale_after, dry_run=dry_run)
+    if as_json:
+        _print_json(rep.to_dict())
+        return
+    verb = "would remove" if dry_run else "removed"
+    console.print(f"{verb} {len(rep.temp_files)} temp/trash files and {len(rep.orphan_blobs)} orphan blobs "
+                  f"({rep.bytes:,} bytes)" + (f"; restored {len(rep.restored)} blobs" if rep.restored else ""))
+    if rep.unkeyed:
+        console.print(f"{len(rep.unkeyed)} adapters have no routing key (keyed at the next engine start): "
+                      + short(", ".join(rep.unkeyed), 400))
+
+
 @adapters_app.command("export")
 def adapters_export(name: str, out_dir: Path, home: Home = None) -> None:
     """Write an adapter as a PEFT folder that PeftModel.from_pretrained loads."""
@@ -186,7 +258,10 @@ def adapters_merge(names: list[str], name: Annotated[str, typer.Option("--name",
                    seed: Annotated[int, typer.Option("--seed", help="Seed for DARE's random drops.")] = 0,
                    home: Home = None, as_json: Json = False) -> None:
     """Merge adapters into a new library adapter (same semantics as PEFT's add_weighted_adapter)."""
-    w = [float(x) for x in _csv(weights)] if weights else [1.0 / len(names)] * len(names)
+    try:
+        w = [float(x) for x in _csv(weights)] if weights else [1.0 / len(names)] * len(names)
+    except ValueError:
+        raise typer.BadParameter(f"--weights {short(repr(weights))}: expected comma-separated numbers") from None
     rec = _engine(home).merge(names, w, method, name, density=density, svd_rank=svd_rank, seed=seed)
     if as_json:
         _print_json(rec.to_dict())
@@ -196,9 +271,11 @@ def adapters_merge(names: list[str], name: Annotated[str, typer.Option("--name",
 
 # --- route / score / ask ----------------------------------------------------------------------
 @app.command("route")
-def route(query: str, k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature,
+def route(query: Annotated[str | None, typer.Argument(help="The query (or give --file).")] = None,
+          file: InputFile = None, k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature,
           tags: Tags = "", home: Home = None, as_json: Json = False) -> None:
     """Pick the top-k adapters for a query and their mixture weights."""
+    query = _one_of(query, file, "the query", "QUERY or --file")
     r = _engine(home).route(query, _route_cfg(k, strategy, temperature, tags, home))
     d = r.to_dict()
     if as_json:
@@ -214,7 +291,7 @@ def route(query: str, k: K = _R.k, strategy: Strategy = None, temperature: Temp 
 
 @app.command("score")
 def score(text: Annotated[str | None, typer.Option("--text")] = None,
-          file: Annotated[Path | None, typer.Option("--file")] = None,
+          file: InputFile = None,
           adapters: Annotated[str | None, typer.Option("--adapters", help="Forced mixture 'name:w,name:w'.")] = None,
           do_route: Annotated[bool, typer.Option("--route", help="Route the text to pick the mixture.")] = False,
           k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature, tags: Tags = "",
@@ -222,9 +299,7 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
     """Mean token negative log-likelihood of a text (float32) under a mixture, a route, or the base model."""
     from loramix.app import parse_mixture
 
-    if (text is None) == (file is None):
-        raise typer.BadParameter("give exactly one of --text or --file")
-    body = text if text is not None else file.read_text()  # type: ignore[union-attr]
+    body = _one_of(text, file, "the text to score", "--text or --file")
     mix = parse_mixture(adapters) if adapters else None
     rcfg = _route_cfg(k, strategy, temperature, tags, home) if do_route and not mix else None
     res = _engine(home, base).score(body, adapters=mix, route=rcfg)
@@ -410,23 +485,23 @@ def quickstart(home: Home = None, base: Base = None,
     if as_json:
         _print_json(res)
 
-_S = ServeSettings()
+_SV = ServeSettings()
 
 
 @app.command("serve")
 def serve(home: Home = None, base: Base = None,
-          host: Annotated[str, typer.Option("--host", help="Address to bind; a non-loopback one needs --api-keys.")] = _S.host,
-          port: Annotated[int, typer.Option("--port")] = _S.port,
+          host: Annotated[str, typer.Option("--host", help="Address to bind; a non-loopback one needs --api-keys.")] = _SV.host,
+          port: Annotated[int, typer.Option("--port")] = _SV.port,
           api_keys: Annotated[Path | None, typer.Option("--api-keys", help='JSON file {"KEY": {"tenant": NAME, "admin": false}}.')] = None,
-          max_batch: Annotated[int, typer.Option("--max-batch", help="Rows decoding together (1 = no batching).")] = _S.max_batch,
-          max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond this get 429.")] = _S.max_queue,
-          max_new_tokens_cap: Annotated[int, typer.Option("--max-new-tokens-cap", help="Requests asking more max_tokens get 400.")] = _S.max_new_tokens_cap,
-          default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", help="max_tokens when a request gives none.")] = _S.default_max_tokens,
-          max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longer prompts get 400.")] = _S.max_prompt_tokens,
-          max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="JSON request bodies above this get 413.")] = _S.max_body_bytes,
-          max_upload_bytes: Annotated[int, typer.Option("--max-upload-bytes", help="Adapter uploads above this get 413.")] = _S.max_upload_bytes,
-          request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a generation may run before it is cancelled.")] = _S.request_timeout_s,
-          max_concurrent_per_key: Annotated[int, typer.Option("--max-concurrent-per-key", help="Requests in flight per API key; more get 429.")] = _S.max_concurrent_per_key,
+          max_batch: Annotated[int, typer.Option("--max-batch", help="Rows decoding together (1 = no batching).")] = _SV.max_batch,
+          max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests beyond this get 429.")] = _SV.max_queue,
+          max_new_tokens_cap: Annotated[int, typer.Option("--max-new-tokens-cap", help="Requests asking more max_tokens get 400.")] = _SV.max_new_tokens_cap,
+          default_max_tokens: Annotated[int, typer.Option("--default-max-tokens", help="max_tokens when a request gives none.")] = _SV.default_max_tokens,
+          max_prompt_tokens: Annotated[int, typer.Option("--max-prompt-tokens", help="Longer prompts get 400.")] = _SV.max_prompt_tokens,
+          max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", help="JSON request bodies above this get 413.")] = _SV.max_body_bytes,
+          max_upload_bytes: Annotated[int, typer.Option("--max-upload-bytes", help="Adapter uploads above this get 413.")] = _SV.max_upload_bytes,
+          request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a generation may run before it is cancelled.")] = _SV.request_timeout_s,
+          max_concurrent_per_key: Annotated[int, typer.Option("--max-concurrent-per-key", help="Requests in flight per API key; more get 429.")] = _SV.max_concurrent_per_key,
           allow_lora_dir: Annotated[list[Path] | None, typer.Option("--allow-lora-dir", help="Folder /v1/load_lora_adapter may read from (repeatable).")] = None,
           served_model_name: Annotated[str | None, typer.Option("--served-model-name", help="The base model's id in /v1/models (default: its folder name).")] = None,
           capacity: Annotated[int, typer.Option("--capacity", help="Adapter slots kept loaded.")] = _M.capacity,
@@ -444,17 +519,61 @@ def serve(home: Home = None, base: Base = None,
     run_serve(settings, home=home, base=base, mix=MixConfig(capacity=capacity, bf16=bf16), log_level=log_level)
 
 
+def _fail(msg: str) -> None:
+    sys.stderr.write(f"error: {one_line(msg, 1000)}\n")  # one line, however wide the terminal
+
+
 from loramix.cli_scale import register as _register_scale  # noqa: E402  (import, compact, dedupe, prune, stats)
 
 _register_scale(app, adapters_app)
 
 
 def main() -> None:
+    """The ``loramix`` entry point: errors as one line on stderr, and a prompt exit once the work is done.
+
+    After a command returns (everything it wrote is committed), the process leaves with ``os._exit``
+    after flushing: the interpreter's normal teardown of torch, transformers and sentence-transformers
+    (freeing ~10^6 objects and unloading their native libraries) took about 1 s and does nothing useful.
+    """
+    import importlib
+
+    exc = importlib.import_module(typer.BadParameter.__module__)  # click's exceptions (typer may bundle click)
+    no_args = getattr(exc, "NoArgsIsHelpError", ())
+    exits = (typer.Exit, getattr(exc, "Exit", typer.Exit))
+    aborts = (typer.Abort, getattr(exc, "Abort", typer.Abort), KeyboardInterrupt)
+    offline_env()  # before anything imports transformers
+    code = 0
     try:
-        app()
+        rv = app(standalone_mode=False)
+        code = rv if isinstance(rv, int) else 0
     except LoramixError as e:
-        console.print(f"[red]error:[/] {type(e).__name__}: {e}")
-        raise SystemExit(2) from None
+        _fail(f"{type(e).__name__}: {e}")
+        code = 2
+    except exits as e:
+        code = int(getattr(e, "exit_code", 0) or 0)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except no_args:  # a bare group: typer has printed its help
+        code = 2
+    except exc.ClickException as e:  # usage errors: bad option, missing argument, bad value
+        hint = f" (see '{e.ctx.command_path} --help')" if getattr(e, "ctx", None) is not None else ""
+        _fail(e.format_message() + hint)
+        code = e.exit_code
+    except aborts:
+        _fail("interrupted")
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except OSError as e:  # the environment, not a bug: unreadable or unwritable paths, a full disk
+        _fail(f"{type(e).__name__}: {e}")
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    import logging
+
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -14,9 +14,18 @@ from pathlib import Path
 
 from loramix.errors import ConfigError
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach a model hub at run time
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def offline_env() -> None:
+    """Keep Hugging Face libraries off the network (nothing may reach a model hub at run time).
+
+    Called by the CLI's entry point and by every loader right before it imports transformers or
+    sentence-transformers (which read these variables when first imported); a value the user set wins.
+    Never called at import time.
+    """
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def home_dir(home: str | Path | None = None) -> Path:
@@ -102,8 +111,17 @@ class TrainConfig:
     eval_fraction: float = 0.1
     max_examples: int = 4000  # cap on training texts read from a source
     seed: int = 0
+    # plateau stopping on the held-out split (eval_fraction of the texts): every ``eval_every`` steps
+    # (0: never) the eval loss is measured; training stops after ``patience`` evals without a gain of
+    # ``min_delta`` nats, or after ``max_seconds``; the best evaluated weights are kept. ``steps`` caps it.
+    eval_every: int = 0
+    patience: int = 3
+    min_delta: float = 0.005
+    max_seconds: float | None = None
 
     def __post_init__(self) -> None:
+        if self.eval_every < 0 or self.patience < 1:
+            raise ConfigError("eval_every must be >= 0 and patience >= 1")
         if self.rank < 1:
             raise ConfigError(f"rank must be at least 1, got {self.rank}")
         if self.kind not in ("lora", "nano"):
@@ -112,6 +130,30 @@ class TrainConfig:
             raise ConfigError(f"layers_from must be in [0, 1), got {self.layers_from}")
         if self.steps < 1 or self.batch_size < 1 or self.seq_len < 8:
             raise ConfigError("steps and batch_size must be >= 1 and seq_len >= 8")
+
+
+MAX_WEIGHT = 100.0  # |mixture or merge weight| above this is refused (1e308 overflows the mixer to inf/NaN)
+
+
+@dataclass
+class ScoreConfig:
+    """Scoring a text: long texts are cut into windows, and memory stays bounded whatever the length."""
+
+    max_len: int = 512  # tokens per window (1 token of overlap carries context across windows)
+    max_tokens: int = 32768  # longer texts are refused (naming this limit) rather than scored for minutes
+    logits_mib: int = 256  # rows per forward pass are chosen so their float32 logits fit in this many MiB
+
+    def __post_init__(self) -> None:
+        if self.max_len < 2:
+            raise ConfigError(f"max_len must be at least 2, got {self.max_len}")
+        if self.max_tokens < 2 or self.logits_mib < 1:
+            raise ConfigError("max_tokens must be >= 2 and logits_mib >= 1")
+
+    @property
+    def max_chars(self) -> int:
+        """Texts with more characters are refused before tokenizing: a BPE token averages 3-5 characters and
+        rarely exceeds 16, so such a text is surely over ``max_tokens``."""
+        return 16 * self.max_tokens
 
 
 REFINE_ACTIONS = ("widen", "drop", "base", "auto")
@@ -173,7 +215,13 @@ class RouterTrainConfig:
     max_words: int = 128  # split_texts: words kept per text
     max_pairs: int = 2000  # cap on (query, target) pairs
     max_len: int = 256  # tokens of query + target scored
-    gumbel_tau: float = 1.0  # supervised baseline: Gumbel-softmax temperature
+    gumbel_tau: float = 1.0  # kept for old configs; the supervised head now trains with cross-entropy
+    target_words: int | None = None  # split_texts: words of the continuation kept (None: all); short = cheap
+    eval_every: int = 10  # steps between validation checks (early stopping on the routed loss)
+    mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # trained-vs-key score interpolation, tuned on val
+    tau_grid: tuple[float, ...] = (0.03, 0.1, 0.3)  # kl targets tried when tau is None, picked on val
+    min_gain: float = 0.0  # nats: the head beats the keys only if its val routed loss is lower by more
+    verdict_z: float = 2.0  # ... and the paired per-pair gain is at least this many standard errors
     seed: int = 0
 
     def __post_init__(self) -> None:

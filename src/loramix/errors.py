@@ -25,6 +25,16 @@ Messages name the problem and what was expected, e.g.
 from __future__ import annotations
 
 
+def short(s: str, n: int = 80) -> str:
+    """``s`` cut to about ``n`` characters (saying how many were cut): for echoing user input in messages."""
+    return s if len(s) <= n else f"{s[:n - 20]}...({len(s) - n + 20} more characters)"
+
+
+def one_line(e: BaseException | str, n: int = 200) -> str:
+    """A message on one line (whitespace runs collapsed), cut to about ``n`` characters."""
+    return short(" ".join(str(e).split()), n)
+
+
 class LoramixError(Exception):
     """Base class of every error loramix raises on purpose."""
 

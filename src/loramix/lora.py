@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from loramix.errors import InvalidAdapter
+
+if TYPE_CHECKING:  # the store imports this module and must not load torch
+    import torch
 
 PEFT_PREFIX = "base_model.model."
 

@@ -217,14 +217,68 @@ def refine_eval(engine: Loramix, prompts: Sequence[str], targets: Sequence[str],
         scores = score_texts(engine.mixer, list(prompts) * 2, befores + afters, targets=list(targets) * 2)
     for i, row in enumerate(rows):
         row["loss_without"], row["loss_with"] = scores[i].loss, scores[n + i].loss
+    return {**summarize(rows), "rows": rows}
+
+
+CHOICES = ("widen", "drop", "base", "keep", "none")  # "none": not triggered, nothing chosen
+
+
+def count_choices(chosen: Sequence[str | None]) -> dict[str, int]:
+    """How often each choice was made; every row is counted once (``None`` as "none")."""
+    out = dict.fromkeys(CHOICES, 0)
+    for c in chosen:
+        key = "none" if c is None else str(c)
+        out[key] = out.get(key, 0) + 1
+    return out
+
+
+def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The refine summary of per-prompt rows (``triggered``, ``chosen``, ``loss_without``, ``loss_with``)."""
     without_l, with_l = [r["loss_without"] for r in rows], [r["loss_with"] for r in rows]
-    changed = [r for r in rows if r["chosen"] not in (None, "keep")]
     return {
-        "n": n, "triggered": sum(r["triggered"] for r in rows), "changed": len(changed),
+        "n": len(rows), "triggered": sum(bool(r["triggered"]) for r in rows),
+        "changed": sum(r["chosen"] not in (None, "keep") for r in rows),
         "loss_without": _mean(without_l), "loss_with": _mean(with_l),
         "delta": _mean(with_l) - _mean(without_l),
         "improved": sum(r["loss_with"] < r["loss_without"] - 1e-9 for r in rows),
         "worsened": sum(r["loss_with"] > r["loss_without"] + 1e-9 for r in rows),
-        "chosen": {c: sum(r["chosen"] == c for r in rows) for c in {str(r["chosen"]) for r in rows}},
-        "rows": rows,
+        "chosen": count_choices([r["chosen"] for r in rows]),
     }
+
+
+def apply_thresholds(forced: Sequence[dict[str, Any]], max_prompt_loss: float | None,
+                     max_entropy: float | None) -> list[dict[str, Any]]:
+    """Rows of a ``force=True`` run as they would be with these thresholds: a row that would not have
+    triggered keeps its routed mixture (``loss_with`` = ``loss_without``, chosen None)."""
+    cfg = RefineConfig(enabled=True, max_prompt_loss=max_prompt_loss, max_entropy=max_entropy)
+    out = []
+    for r in forced:
+        hit = triggered(cfg, r["prompt_loss"], r["entropy"])
+        out.append({**r, "triggered": hit, "chosen": r["chosen"] if hit else None,
+                    "loss_with": r["loss_with"] if hit else r["loss_without"]})
+    return out
+
+
+def calibrate(forced: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Thresholds that minimise the mean loss of a ``force=True`` run's rows (a validation split).
+
+    Candidates: each signal's observed values (and "never"), one signal at a time and both together;
+    ties go to the rule that triggers least. Returns the thresholds and the summary they give.
+    """
+    if not forced:
+        raise ValueError("calibrate needs at least one row of a force=True refine_eval run")
+    pls = sorted({r["prompt_loss"] for r in forced if math.isfinite(r["prompt_loss"])})
+    ents = sorted({r["entropy"] for r in forced if math.isfinite(r["entropy"])})
+    grid_l: list[float | None] = [None, *pls, min(pls, default=0.0) - 1.0]
+    grid_e: list[float | None] = [None, *ents, min(ents, default=0.0) - 1.0]
+    best: tuple[float, int, float | None, float | None] | None = None
+    for lth in grid_l:
+        for eth in grid_e:
+            rows = apply_thresholds(forced, lth, eth)
+            m = _mean([r["loss_with"] for r in rows])
+            key = (m, sum(r["triggered"] for r in rows), lth, eth)
+            if best is None or key[:2] < best[:2]:
+                best = key
+    assert best is not None
+    return {"max_prompt_loss": best[2], "max_entropy": best[3],
+            **summarize(apply_thresholds(forced, best[2], best[3]))}

@@ -178,7 +178,7 @@ def test_markdown_shows_command_targets_tables_and_plots():
     assert "python bench/quality.py --out X --quick" in md
     assert "| mix_vs_base |" in md and "**PASS**" in md and "**FAIL**" in md
     assert "| **mean** | 4.000 | 3.000 |" in md
-    assert "| arrow | arrow | – | – |" in md and "not available" in md
+    assert "| examples | arrow | – | – |" in md and "not available" in md
     assert "![Routing confusion](confusion.png)" in md
 
 
@@ -197,3 +197,58 @@ def test_plots_are_written(tmp_path):
     loss["merged_ties"] = skipped("x")
     p = plot_loss_bars(loss, DOMAINS, tmp_path / "l.png")
     assert p.stat().st_size > 1000
+
+
+# --- issue-8 router targets -----------------------------------------------------------------------
+def _r(top1, loss3, q=None, loss1=None):
+    return {"top1": top1, "top3": 1.0, "loss": {"top1": loss1 if loss1 is not None else loss3, "top3": loss3},
+            "questions_top1": q}
+
+
+def _router_report(lf_a=0.90, lf_a_loss=3.70, lf_b=0.80, lf_b_loss=3.74, default="label_free", share=0.4, rest=0.001):
+    routing = {"untrained": _r(0.85, 3.72, q=0.9), "label_free": _r(lf_a, lf_a_loss, q=0.96),
+               "supervised": _r(0.86, 3.71)}
+    rep = {"routing_desc_only": {"untrained": _r(0.55, 3.95), "label_free": _r(lf_b, lf_b_loss)},
+           "default_router": default, "refine": {"hard": {"recovered_share": share}, "rest": {"relative_change": rest}}}
+    return routing, rep
+
+
+def test_router_targets_pass_and_fail_on_the_issue_thresholds():
+    from loramix.evaluate.report import router_targets
+
+    routing, rep = _router_report()
+    t = router_targets(routing, rep)
+    assert t["label_free_keys"]["pass"] is True and t["label_free_keys"]["value"] == pytest.approx(0.05)
+    assert t["label_free_desc_only"]["pass"] is True  # +0.25 and 3.74 / 3.72 - 1 = 0.5% <= 2%
+    assert t["supervised_vs_keys"]["pass"] is True
+    assert t["default_router_top1"]["pass"] is False and t["default_router_top1"]["value"] == pytest.approx(0.90)
+    assert t["refine_hard"]["pass"] is True
+    routing, rep = _router_report(lf_a=0.87, lf_a_loss=3.73, lf_b=0.70, lf_b_loss=3.80, share=0.2, rest=0.01)
+    t = router_targets(routing, rep)
+    assert t["label_free_keys"]["pass"] is False  # +0.02 < 0.03 and worse top-3 loss
+    assert t["label_free_desc_only"]["pass"] is False  # +0.15 < 0.20
+    assert t["refine_hard"]["pass"] is False
+    routing, rep = _router_report(lf_b_loss=3.72 * 1.03)
+    assert router_targets(routing, rep)["label_free_desc_only"]["pass"] is False  # loss 3% above keys' untrained
+
+
+def test_router_targets_undecided_without_numbers_and_in_evaluate_targets():
+    from loramix.evaluate.report import router_targets
+
+    t = router_targets({}, {})
+    assert all(v["pass"] is None for v in t.values())
+    routing, rep = _router_report()
+    full = evaluate_targets(_loss(), {**_routing(), **routing}, rep)
+    assert {"mix_vs_oracle", "label_free", "label_free_keys", "label_free_desc_only", "default_router_top1"} <= set(full)
+    assert "label_free_keys" not in evaluate_targets(_loss(), _routing())  # old call: old targets only
+
+
+def test_markdown_shows_loss_by_router_desc_only_and_default():
+    routing, rep = _router_report()
+    report = _report()
+    report["routing"] = {**report["routing"], **routing}
+    report |= rep | {"loss_by_router": {"base": {"top1": 4.5, "top3": 4.5}, "oracle": {"top1": 3.7, "top3": 3.7}},
+                     "best_router": "label_free", "best_router_rule": "lowest val loss"}
+    md = render_markdown(report)
+    assert "| description | label_free | 0.800 |" in md and "| examples | label_free | 0.900 |" in md
+    assert "Default router" in md and "**label_free**" in md and "base 4.500, oracle 3.700" in md

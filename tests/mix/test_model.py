@@ -163,3 +163,18 @@ def test_prepared_batches_pin_their_slots_and_forward_explicitly(tiny_base: Base
     mm.release(b1)
     mm.release(b2)
     assert mm.stats()["pinned"] == 0
+
+
+def test_slots_loaded_under_inference_mode_stay_writable_outside_it(tiny_base: BaseModel, tiny_base_dir: Path) -> None:
+    """The scheduler runs under torch.inference_mode; scoring or ask may later load adapters outside it."""
+    adapters = {f"x{i}": random_lora(tiny_base, seed=i) for i in range(12)}
+    mm = make_mixer(tiny_base, adapters, capacity=16)
+    ids = inputs(tiny_base, rows=1)
+    with torch.inference_mode():
+        for i in range(10):  # first loads and slot growth happen inside inference mode
+            b = mm.prepare([[(f"x{i}", 1.0)]])
+            mm.forward(b, input_ids=ids)
+            mm.release(b)
+    got = mm.logits(ids, rows=[[("x11", 1.0)]])  # a load (slot write) outside inference mode
+    fresh = make_mixer(load_base(tiny_base_dir), adapters).logits(ids, rows=[[("x11", 1.0)]])
+    assert torch.allclose(got, fresh, atol=1e-6)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from loramix.mix import mixed_lora, reference_mix
+from loramix.mix.ops import build_factors, dense_is_cheaper, make_plan
 
 GRID = list(itertools.product([1, 3, 16], [1, 2, 3], [1, 4, 16], [torch.float32, torch.bfloat16], [1, 7]))
 
@@ -38,3 +39,80 @@ def test_rows_do_not_leak() -> None:
     again = mixed_lora(x2, a, b, idx, w)
     assert torch.equal(both[0], again[0])
     assert not torch.allclose(both[1], again[1])
+
+
+def _slots(g: torch.Generator, n_slots: int, rank: int, n_in: int, n_out: int, dtype: torch.dtype):
+    """Slot tensors at slot rank ``rank`` holding adapters of true rank 1..rank (zero-padded), one slot empty."""
+    a = torch.zeros(n_slots, rank, n_in)  # (S, R, n_in)
+    b = torch.zeros(n_slots, rank, n_out)  # (S, R, n_out)
+    ranks = []
+    for s in range(n_slots):
+        r = 0 if s == n_slots - 1 else 1 + s % rank
+        a[s, :r] = torch.randn(r, n_in, generator=g)
+        b[s, :r] = torch.randn(r, n_out, generator=g)
+        ranks.append(r)
+    return a.to(dtype), b.to(dtype), ranks
+
+
+def _reference(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: list[dict[int, float]]) -> torch.Tensor:
+    k = max(1, max(len(r) for r in rows))
+    idx = torch.zeros(len(rows), k, dtype=torch.long)  # (B, k)
+    w = torch.zeros(len(rows), k)  # (B, k)
+    for i, row in enumerate(rows):
+        for j, (s, v) in enumerate(row.items()):
+            idx[i, j], w[i, j] = s, v
+    return reference_mix(x, a, b, idx, w)
+
+
+@pytest.mark.parametrize("batch,k,rank,dtype,tokens", GRID)
+def test_every_plan_matches_reference(batch: int, k: int, rank: int, dtype: torch.dtype, tokens: int) -> None:
+    """Each path (same mixture; rows differing, dense and gather forms) against the float64 loops;
+    a base-only row in a mixed batch gets exactly the base output."""
+    g = torch.Generator().manual_seed(batch * 100 + k * 10 + rank + 7)
+    n_slots, n_in, n_out = 7, 24, 40
+    a, b, ranks = _slots(g, n_slots, rank, n_in, n_out, dtype)
+    x = torch.randn(batch, tokens, n_in, generator=g).to(dtype)  # (B, T, n_in)
+    y0 = torch.randn(batch, tokens, n_out, generator=g).to(dtype)  # (B, T, n_out) a base layer's output
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+
+    def check(rows: list[dict[int, float]], kind: str) -> None:
+        plan = make_plan(rows)
+        assert plan is not None and plan.kind == kind
+        factors = build_factors(plan, a, b, ranks)
+        want = _reference(x, a, b, rows).float()  # (B, T, n_out)
+        if factors is None:  # only the empty slot was drawn: the layer stays the base layer
+            assert all(ranks[s] == 0 for row in rows for s in row) and not want.any()
+            return
+        scale = float(want.abs().max().clamp(min=1.0))
+        forms = [None] if kind == "same" else [None, True, False]
+        for dense in forms:
+            got = factors.add_to(y0.clone(), x, dense=dense)  # (B, T, n_out)
+            assert got.dtype == dtype and got.shape == (batch, tokens, n_out)
+            assert torch.allclose((got - y0).float(), want, atol=tol * scale, rtol=tol), (kind, dense)
+            for i, row in enumerate(rows):
+                if not row:
+                    assert torch.equal(got[i], y0[i]), "a base-only row must be exactly the base"
+
+    chosen = torch.randperm(n_slots, generator=g)[:k]
+    same = {int(s): float(v) for s, v in zip(chosen, torch.rand(k, generator=g), strict=True)}
+    check([dict(same) for _ in range(batch)], "same")
+    rows = []
+    for _ in range(batch):
+        chosen = torch.randperm(n_slots, generator=g)[:k]
+        rows.append({int(s): float(v) for s, v in zip(chosen, torch.rand(k, generator=g) - 0.3, strict=True)})
+    if batch > 1:
+        rows[1] = {}  # a base-only row inside a mixed batch
+        check(rows, "rows")
+
+
+def test_plan_picks_dense_for_shared_decode_and_gather_for_prefill() -> None:
+    assert dense_is_cheaper(16, 1, 20, 8)  # decode, 8-adapter mixtures over 20 adapters: read each once
+    assert not dense_is_cheaper(16, 32, 20, 3)  # prefill: per-row flops dominate
+    assert not dense_is_cheaper(16, 1, 48, 3)  # every row its own adapters: nothing shared
+
+
+def test_no_adapter_and_absent_layer() -> None:
+    assert make_plan([{}, {}]) is None
+    a, b = torch.zeros(3, 4, 8), torch.zeros(3, 4, 5)
+    plan = make_plan([{0: 1.0}, {1: 0.5}])
+    assert plan is not None and build_factors(plan, a, b, [0, 0, 0]) is None  # no batch adapter targets it

@@ -55,12 +55,41 @@ def test_errors_and_default_when_no_router_was_trained(router: Router, lib: Libr
         router.route(PLANT_QUERY, RouteConfig(strategy="supervised"))
 
 
+@pytest.mark.parametrize(("validation", "want"), [
+    (None, "semantic"), ({"beats_keys": False}, "semantic"), ({"beats_keys": "yes"}, "semantic"),
+    ({"beats_keys": True}, "trained")])
+def test_default_strategy_follows_the_heads_own_verdict(router: Router, lib: Library, validation: dict | None,
+                                                        want: str) -> None:
+    ids = [lib.get(n).id for n in ("botany", "computing")]
+    config = {"objective": "kl"} | ({"validation": validation} if validation is not None else {})
+    save_head(lib, random_head(lib, ids), ids, config)
+    assert default_strategy(lib) == want
+
+
+def test_interpolated_head_scores_mix_trained_and_key_cosines(router: Router, lib: Library, encoder: Encoder) -> None:
+    ids = [lib.get(n).id for n in ("botany", "computing")]
+    head = random_head(lib, ids)
+    save_head(lib, head, ids, {"objective": "kl", "mix": 0.25})
+    q = encoder.encode([PLANT_QUERY])
+    with torch.no_grad():
+        qp = head.project(torch.from_numpy(q)).numpy()  # (1, d)
+        learned = head.effective_keys().numpy()  # (2, d)
+    all_ids = lib.ids()
+    stored = dict(zip(*lib.keys(all_ids), strict=True))
+    want = {a: 0.25 * float(qp[0] @ (learned[ids.index(a)] if a in ids else stored[a]))
+            + 0.75 * float(q[0] @ stored[a]) for a in all_ids}
+    r = router.route(PLANT_QUERY, RouteConfig(k=3, strategy="trained"))
+    assert [a.id for a in r.adapters] == sorted(want, key=lambda a: -want[a])
+    for a in r.adapters:
+        assert a.score == pytest.approx(want[a.id], abs=1e-5)
+
+
 def test_saved_head_round_trips_and_scores_exactly(router: Router, lib: Library, encoder: Encoder) -> None:
     ids = [lib.get(n).id for n in ("botany", "computing")]  # cooking is not in the head: stored key, zero delta
     head = random_head(lib, ids)
     save_head(lib, head, ids, {"objective": "kl"})
     assert sorted(p.name for p in router_dir(lib).iterdir()) == ["head.json", "head.safetensors"]
-    assert default_strategy(lib) == "trained"
+    assert default_strategy(lib) == "semantic"  # a head without a held-out verdict is not the default
     loaded = load_head(lib)
     assert loaded is not None and loaded is load_head(lib)  # cached while the file is unchanged
     assert loaded.adapter_ids == ids and loaded.config["objective"] == "kl"

@@ -79,6 +79,8 @@ def test_openai_errors(oai: openai.OpenAI) -> None:
         oai.chat.completions.create(model="nope", messages=MSG)
     with pytest.raises(openai.BadRequestError, match="at most 64"):
         oai.chat.completions.create(model="bible", messages=MSG, max_tokens=500)
+    with pytest.raises(openai.BadRequestError, match="seed"):
+        oai.chat.completions.create(model="bible", messages=MSG, seed=2**70)
     with pytest.raises(openai.BadRequestError, match="n=3"):
         oai.chat.completions.create(model="bible", messages=MSG, n=3)
 

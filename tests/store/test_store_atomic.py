@@ -165,5 +165,5 @@ def test_gc_cleans_what_a_killed_import_leaves(populated, make_weights, snapshot
     os.utime(tmp, (old, old))
     placed_tmp, sha = populated.blobs.write_temp(blob_bytes(make_weights(12)))
     populated.blobs.place(placed_tmp, sha)
-    assert populated.gc() == 2
+    assert populated.gc().removed == 2
     assert snapshot(populated) == before

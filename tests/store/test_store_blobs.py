@@ -88,9 +88,9 @@ def test_gc_removes_orphans_and_stale_temps(lib, make_weights):
     os.utime(stale, (old, old))
     fresh = lib.blobs.tmp / "busy.part"  # another writer's file in progress
     fresh.write_bytes(b"x")
-    assert lib.gc() == 2
+    assert lib.gc().removed == 2
     assert lib.blobs.exists(kept.blob) and not lib.blobs.exists(orphan)
     assert not stale.exists() and fresh.exists()
-    assert lib.gc(stale_after=0) == 1 and not fresh.exists()
-    assert lib.gc() == 0
+    assert lib.gc(stale_after=0).removed == 1 and not fresh.exists()
+    assert lib.gc().removed == 0
     assert lib.load("a").rank == 4

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from loramix.errors import InvalidAdapter, LibraryError
-from loramix.store import Library, peft_io
+from loramix.store import Library
 from loramix.store.peft_io import read_peft_dir, write_peft_dir
 
 Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
@@ -174,18 +174,20 @@ def test_rejects_files_over_size_cap(adapter_dir, tmp_path, base_shapes):
 
 def test_write_peft_dir_is_atomic(make_weights, tmp_path, monkeypatch, same_weights):
     out = tmp_path / "exports" / "a"
-    real_save = peft_io.save_file
+    import safetensors.torch as st  # peft_io imports it when writing
+
+    real_save = st.save_file
 
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_io, "save_file", boom)
+    monkeypatch.setattr(st, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         write_peft_dir(make_weights(0), out)
     assert not out.exists() and list(out.parent.iterdir()) == []
-    monkeypatch.setattr(peft_io, "save_file", real_save)
+    monkeypatch.setattr(st, "save_file", real_save)
     write_peft_dir(make_weights(0), out)
-    monkeypatch.setattr(peft_io, "save_file", boom)
+    monkeypatch.setattr(st, "save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         write_peft_dir(make_weights(1), out, overwrite=True)
     assert [p.name for p in out.parent.iterdir()] == ["a"]  # the old export is intact, no temp folder left

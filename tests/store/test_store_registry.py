@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from loramix.errors import AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError
-from loramix.store import AdapterRecord, Library, peft_io
+from loramix.store import AdapterRecord, Library
 from loramix.store.blobs import BlobStore
 
 
@@ -230,7 +230,9 @@ def test_open_is_cheap_with_many_rows(tmp_path, monkeypatch):
         raise AssertionError("opening the library touched blobs")
 
     monkeypatch.setattr(BlobStore, "iter_shas", forbidden)
-    monkeypatch.setattr(peft_io, "load_file", forbidden)
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load_file", forbidden)
     statements: list[str] = []
     real_connect = sqlite3.connect
 

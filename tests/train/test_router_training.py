@@ -22,6 +22,7 @@ from loramix.app import Loramix
 from loramix.base import load_base
 from loramix.config import RouteConfig, RouterTrainConfig
 from loramix.lora import LoraWeights
+from loramix.route.trained import default_strategy
 from loramix.testing import random_lora
 from loramix.train.router import (
     candidate_losses,
@@ -179,6 +180,45 @@ def test_trained_router_prefers_the_adapter_that_lowers_the_loss(engine: Loramix
     assert all(p > 0.8 for ps in after.values() for p in ps)
     assert [engine.route(q, RouteConfig(k=1, strategy="trained")).adapters[0].name for q in PLANT_HELD] == \
         ["code-helper"] * 4
+
+
+@pytest.fixture
+def desc_engine(engine: Loramix, tmp_path: Path, tiny_base_dir: Path) -> Loramix:
+    """The same three adapters in a library that knows them by a one-line description only (no examples)."""
+    eng = Loramix(tmp_path / "desc", base=tiny_base_dir)
+    for name, desc in (("code-helper", "Programming help: code, compilers and bugs."),
+                       ("gardening-notes", "Plants and gardening: watering, soil and pruning."),
+                       ("kitchen", "Cooking and recipes.")):
+        eng.add_weights(engine.library.load(name), name, description=desc)
+    return eng
+
+
+def test_label_free_router_learns_the_loss_lowering_adapter_under_description_keys(desc_engine: Loramix) -> None:
+    eng = desc_engine
+    assert all(not eng.library.examples(a) for a in eng.library.ids())  # keys come from the descriptions
+    semantic = RouteConfig(k=1, strategy="semantic")
+    assert [eng.route(q, semantic).adapters[0].name for q in PLANT_HELD] == ["gardening-notes"] * 4  # wrong by loss
+    assert default_strategy(eng.library) == "semantic"
+    queries, targets = pairs()
+    rep = train_router(eng, queries, targets, RouterTrainConfig(), progress=False)
+    v = rep.validation
+    assert v["routed_loss_trained"] < v["routed_loss_keys"] - 0.3 and v["beats_keys"] is True and v["mix"] > 0
+    assert set(v["mix_losses"]) == {"0.0", "0.25", "0.5", "0.75", "1.0"} and 0 <= v["best_step"] <= 300
+    trained = RouteConfig(k=1, strategy="trained")
+    assert [eng.route(q, trained).adapters[0].name for q in PLANT_HELD] == ["code-helper"] * 4
+    assert [eng.route(q, trained).adapters[0].name for q in CODE_HELD] == ["gardening-notes"] * 4
+    assert default_strategy(eng.library) == "trained"  # the head's own held-out verdict makes it the default
+    assert json.loads((eng.library.meta_path("router") / "head.json").read_text())["validation"]["beats_keys"] is True
+
+
+def test_head_interpolated_back_to_the_keys_is_not_the_default(engine: Loramix) -> None:
+    """With only mix 0 allowed the head routes exactly like the keys: no verdict for it, no default."""
+    queries, targets = pairs()
+    rep = train_router(engine, queries, targets, RouterTrainConfig(steps=20, mix_grid=(0.0,)), progress=False)
+    v = rep.validation
+    assert v["mix"] == 0.0 and v["routed_loss_trained"] == pytest.approx(v["routed_loss_keys"])
+    assert v["beats_keys"] is False and default_strategy(engine.library) == "semantic"
+    assert engine.route(PLANT_HELD[0], RouteConfig(k=1, strategy="trained")).adapters[0].name == "gardening-notes"
 
 
 def test_loop_target_and_training(engine: Loramix) -> None:

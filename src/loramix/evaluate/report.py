@@ -32,6 +32,12 @@ MIX_VS_BASE_MIN = 0.10  # routed mixture loss at least 10% below the base model'
 BEST_TOP1_MIN = 0.95
 LABEL_FREE_GAIN = 0.05  # label-free top-1 >= untrained + 0.05 ...
 LABEL_FREE_TOL = 0.01  # ... or within 0.01 of the supervised router
+KEYS_A_GAIN = 0.03  # condition a (example keys): label_free top-1 >= untrained + 0.03, top-3 loss no worse
+DESC_GAIN = 0.20  # condition b (description keys): label_free top-1 >= untrained (b) + 0.20 ...
+DESC_LOSS_TOL = 0.02  # ... and its routed loss within 2% of condition a's untrained router
+QUESTIONS_MIN = 0.95  # the default router's top-1 on the hand-written questions and held-out texts
+REFINE_SHARE_MIN = 0.30  # refine recovers >= 30% of the routed-to-oracle gap on the hard subset ...
+REFINE_REST_MAX = 0.005  # ... with no more than 0.5% loss on the rest
 _EPS = 1e-9  # thresholds are inclusive; float noise must not flip them
 
 
@@ -97,8 +103,57 @@ def _target(description: str, value: float | None, threshold: float, ok: bool | 
     return {"description": description, "value": value, "threshold": threshold, "pass": ok, **extra}
 
 
-def evaluate_targets(loss: Mapping[str, Mapping[str, Any]], routing: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The product targets with measured values and pass/fail (``None`` when a needed number is missing)."""
+def _loss(entry: Mapping[str, Any] | None, k: str) -> float | None:
+    return _num(((entry or {}).get("loss") or {}).get(k))
+
+
+def router_targets(routing: Mapping[str, Mapping[str, Any]], report: Mapping[str, Any]) -> dict[str, Any]:
+    """Issue-8 targets: label-free router in both key conditions, supervised vs keys, questions, refine."""
+    out: dict[str, Any] = {}
+    un, lf = routing.get("untrained", {}), routing.get("label_free", {})
+    u1, l1 = _num(un.get("top1")), _num(lf.get("top1"))
+    u3l, l3l = _loss(un, "top3"), _loss(lf, "top3")
+    ok = None if None in (u1, l1, u3l, l3l) else bool(l1 >= u1 + KEYS_A_GAIN - _EPS and l3l <= u3l + _EPS)  # type: ignore[operator]
+    out["label_free_keys"] = _target(
+        "example keys: label_free top-1 >= untrained + 0.03 and its top-3 loss no worse than untrained's",
+        None if l1 is None or u1 is None else l1 - u1, KEYS_A_GAIN, ok, label_free_top1=l1, untrained_top1=u1,
+        label_free_top3_loss=l3l, untrained_top3_loss=u3l)
+    desc = report.get("routing_desc_only") or {}
+    ub1, lb1 = _num(desc.get("untrained", {}).get("top1")), _num(desc.get("label_free", {}).get("top1"))
+    lb3l = _loss(desc.get("label_free"), "top3")
+    rel = None if lb3l is None or not u3l else lb3l / u3l - 1.0
+    ok = None if None in (ub1, lb1, rel) else bool(lb1 >= ub1 + DESC_GAIN - _EPS and rel <= DESC_LOSS_TOL + _EPS)  # type: ignore[operator]
+    out["label_free_desc_only"] = _target(
+        "description keys: label_free top-1 >= untrained (desc) + 0.20, top-3 loss within 2% of example-keys untrained",
+        None if lb1 is None or ub1 is None else lb1 - ub1, DESC_GAIN, ok, label_free_top1=lb1, untrained_top1=ub1,
+        loss_vs_keys_untrained=rel)
+    s1 = _num(routing.get("supervised", {}).get("top1"))
+    out["supervised_vs_keys"] = _target(
+        "supervised linear head top-1 not below the untrained keys", None if s1 is None or u1 is None else s1 - u1,
+        0.0, None if s1 is None or u1 is None else s1 >= u1 - _EPS, supervised=s1, untrained=u1)
+    name = report.get("default_router")
+    d = routing.get(name, {}) if isinstance(name, str) else {}
+    q, t1 = _num(d.get("questions_top1")), _num(d.get("top1"))
+    out["default_router_top1"] = _target(
+        "default router top-1 >= 0.95 on the hand-written questions and on the held-out texts",
+        None if q is None or t1 is None else min(q, t1), QUESTIONS_MIN,
+        None if q is None or t1 is None else min(q, t1) >= QUESTIONS_MIN - _EPS, router=name, questions=q, held_out=t1)
+    ref = report.get("refine") or {}
+    share = _num((ref.get("hard") or {}).get("recovered_share"))
+    rest = _num((ref.get("rest") or {}).get("relative_change"))
+    out["refine_hard"] = _target(
+        "refine recovers >= 30% of the routed-to-oracle gap on the hard subset, <= 0.5% loss on the rest",
+        share, REFINE_SHARE_MIN,
+        None if share is None or rest is None else bool(share >= REFINE_SHARE_MIN - _EPS and rest <= REFINE_REST_MAX + _EPS),
+        rest_relative_change=rest)
+    return out
+
+
+def evaluate_targets(loss: Mapping[str, Mapping[str, Any]], routing: Mapping[str, Mapping[str, Any]],
+                     report: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The product targets with measured values and pass/fail (``None`` when a needed number is missing).
+
+    With ``report`` (the rest of report.json), the router targets of :func:`router_targets` too."""
     mix = _num(loss.get("routed_mix", {}).get("mean"))
     oracle = _num(loss.get("oracle", {}).get("mean"))
     base = _num(loss.get("base", {}).get("mean"))
@@ -132,6 +187,8 @@ def evaluate_targets(loss: Mapping[str, Mapping[str, Any]], routing: Mapping[str
         LABEL_FREE_GAIN, ok, untrained=un, supervised=sup,
         gain_over_untrained=None if lf is None or un is None else lf - un,
         gap_to_supervised=None if lf is None or sup is None else sup - lf)
+    if report is not None:
+        out |= router_targets(routing, report)
     return out
 
 
@@ -247,16 +304,45 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     lines += notes + ([""] if notes else [])
 
     routing = report.get("routing", {})
-    lines += ["## Routing accuracy (held-out queries)", ""]
+    lines += ["## Routers: accuracy and the loss they deliver (test split)", ""]
+    lbr = report.get("loss_by_router") or {}
+    if lbr:
+        lines += [f"Reference: base {_fmt(lbr.get('base', {}).get('top1'))}, oracle "
+                  f"{_fmt(lbr.get('oracle', {}).get('top1'))} (mean token NLL of the full held-out texts).", ""]
+    header = ["keys", "router", "top-1", "top-3", "loss top-1", "loss top-3", "questions top-1", "val top-1",
+              "val loss top-3", "seconds", "note"]
     rows = []
-    for r, e in routing.items():
-        note = e.get("skipped") or e.get("note") or ""
-        rows.append([r, STRATEGY_OF.get(r, "–"), _fmt(e.get("top1")), _fmt(e.get("top3")), str(e.get("n", "–")),
-                     _fmt(e.get("seconds"), 1), note])
-    lines += _table(["router", "strategy", "top-1", "top-3", "queries", "seconds", "note"], rows) + [""]
+    for cond, table in (("examples", routing), ("description", report.get("routing_desc_only") or {})):
+        for r, e in table.items():
+            note = e.get("skipped") or e.get("note") or ""
+            val = e.get("val") or {}
+            rows.append([cond, r, _fmt(e.get("top1")), _fmt(e.get("top3")), _fmt(_loss(e, "top1")), _fmt(_loss(e, "top3")),
+                         _fmt(e.get("questions_top1")), _fmt(val.get("top1")), _fmt((val.get("loss") or {}).get("top3")),
+                         _fmt(e.get("seconds"), 1), note])
+    lines += _table(header, rows) + [""]
     if report.get("best_router"):
-        lines += [f"Best engine router: **{report['best_router']}** (used for `routed_top1`, `routed_mix` and the "
-                  "confusion matrix).", ""]
+        lines += [f"Best engine router: **{report['best_router']}**, chosen on the validation split "
+                  f"({report.get('best_router_rule', 'see notes')}); used for `routed_top1`, `routed_mix`, refine "
+                  "and the confusion matrix.", ""]
+    if "default_router" in report:
+        lines += [f"Default router (what `loramix route` uses with the example-keys library): "
+                  f"**{report.get('default_router')}**; with the description-keys library: "
+                  f"**{report.get('default_router_desc_only', '–')}**. The trained head is the default only where its "
+                  "stored held-out verdict says it beats the keys.", ""]
+    for cond, key in (("example", "label_free"), ("description", "label_free")):
+        table = routing if cond == "example" else (report.get("routing_desc_only") or {})
+        v = ((table.get(key) or {}).get("train") or {}).get("validation")
+        if v:
+            lines += [f"- label_free ({cond} keys) held-out check on {v.get('n_val')} pairs: routed loss keys "
+                      f"{_fmt(v.get('routed_loss_keys'), 4)}, head {_fmt(v.get('routed_loss_trained'), 4)} (mix "
+                      f"{v.get('mix')}, tau {v.get('tau')}, best step {v.get('best_step')}); beats keys: "
+                      f"**{v.get('beats_keys')}**"]
+    diag = report.get("arrow_diagnostics")
+    if diag:
+        lines += [f"- arrow diagnostics: top singular direction holds {_fmt(diag.get('top_share'))} of an update's "
+                  f"energy (flat spectrum: {_fmt(diag.get('flat_share'))}); mean |cos| between two experts' prototypes "
+                  f"at the same layer {_fmt(diag.get('cross_cos'))} (random vectors: {_fmt(diag.get('random_cos'))})"]
+    lines += [""]
 
     clusters = report.get("clusters")
     if clusters:
@@ -281,6 +367,14 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
                       f"{refine.get('triggered')}, changed {refine.get('changed')}, improved {refine.get('improved')}, "
                       f"worsened {refine.get('worsened')}; chosen {refine.get('chosen')}. "
                       f"**{refine_verdict(refine.get('delta'))}**", ""]
+            if refine.get("hard"):
+                h, r = refine["hard"], refine.get("rest") or {}
+                lines += [f"Thresholds calibrated on {refine.get('calibrated_on')}: max_prompt_loss "
+                          f"{refine.get('max_prompt_loss')}, max_entropy {refine.get('max_entropy')}. Hard subset "
+                          f"(first route wrong, {h.get('n')} prompts): loss {_fmt(h.get('loss_without'))} -> "
+                          f"{_fmt(h.get('loss_with'))}, oracle {_fmt(h.get('oracle'))}; recovered share of the gap "
+                          f"**{_fmt(h.get('recovered_share'))}**. Rest ({r.get('n')} prompts): relative change "
+                          f"{_fmt(r.get('relative_change'), 4)}.", ""]
 
     timing = report.get("timing", {})
     if timing:

@@ -37,11 +37,13 @@ def _encode(mm: MixedModel, text: str, max_len: int) -> list[list[int]]:
 
 
 def score_texts(mm: MixedModel, texts: Sequence[str], mixtures: Sequence[Mixture], *, batch_size: int = 16,
-                max_len: int = 512, targets: Sequence[str] | None = None) -> list[TextScore]:
+                max_len: int = 512, targets: Sequence[str] | None = None, logits_mib: int = 256) -> list[TextScore]:
     """Score each text under its own mixture, batching rows through the per-row mixer.
 
     With ``targets``, text i is a prompt and only the tokens of ``targets[i]`` (appended to it)
-    are scored: the length-normalised loss of a continuation given a query.
+    are scored: the length-normalised loss of a continuation given a query. A forward pass takes
+    at most ``batch_size`` rows, and fewer when their float32 logits (and the loss's working copies)
+    would pass ``logits_mib`` MiB, so memory stays bounded for long texts and large vocabularies.
     """
     if len(texts) != len(mixtures) or (targets is not None and len(targets) != len(texts)):
         raise ValueError("texts, mixtures (and targets) must have the same length")
@@ -58,8 +60,15 @@ def score_texts(mm: MixedModel, texts: Sequence[str], mixtures: Sequence[Mixture
     out = [TextScore(0.0, 0) for _ in texts]
     pad = mm.tokenizer.pad_token_id or 0
     jobs.sort(key=lambda j: len(j[1]))  # similar lengths together: less padding
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start:start + batch_size]
+    vocab = int(getattr(mm.model.config, "vocab_size", 0) or 0) or 65536
+    per_token = 3 * 4 * vocab  # bytes: logits, log-softmax and its gradient-free copy, float32
+    budget = logits_mib * (1 << 20)
+    start = 0
+    while start < len(jobs):
+        end = start + 1  # one row always runs, however long
+        while end < len(jobs) and end - start < batch_size and (end - start + 1) * len(jobs[end][1]) * per_token <= budget:
+            end += 1
+        chunk, start = jobs[start:end], end
         width = max(len(j[1]) for j in chunk)
         ids = torch.full((len(chunk), width), pad, dtype=torch.long)  # (B, T)
         mask = torch.zeros(len(chunk), width, dtype=torch.long)  # (B, T)

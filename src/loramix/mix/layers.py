@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loramix.errors import MixError
-from loramix.mix.ops import mixed_lora
+from loramix.mix.ops import MixPlan, build_factors
 
 
 @dataclass(eq=False)
@@ -17,15 +17,17 @@ class MixBatch:
     :meth:`MixedModel.prepare` and handed to :meth:`MixedModel.forward` for every step that uses it.
 
     ``idx`` and ``w`` address slots; the slots they name stay pinned (never evicted or rewritten)
-    until :meth:`MixedModel.release`. ``cache`` is for per-layer tensors derived from this batch
-    (e.g. each layer's gathered adapters), valid for as long as the batch lives.
+    until :meth:`MixedModel.release`. ``plan`` says how the batch is computed (decided once, see
+    :mod:`loramix.mix.ops`); ``cache`` holds each layer's share of the batch's adapters, copied out of
+    the slots on the batch's first step and reused by every later one while the batch lives.
     """
 
     rows: tuple[tuple[tuple[str, float], ...], ...]  # per row: (adapter id, weight) pairs as given
     ids: tuple[str, ...]  # distinct adapter ids used (weight != 0), pinned while the batch lives
     idx: torch.Tensor | None  # (B, k) slot numbers; None when no row uses an adapter
     w: torch.Tensor | None  # (B, k) weights; 0 for padding
-    cache: dict[int, object] = field(default_factory=dict)  # id(layer) -> derived tensors
+    plan: MixPlan | None = None  # None: no row uses an adapter (the base model alone)
+    cache: dict[int, object] = field(default_factory=dict)  # id(layer) -> Factors | None
     released: bool = False
 
     @property
@@ -59,6 +61,7 @@ class MixedLoraLinear(nn.Module):
                              persistent=False)  # (S, r, n_in)
         self.register_buffer("lora_B", torch.zeros(slots, rank, base_layer.out_features, dtype=dtype, device=device),
                              persistent=False)  # (S, r, n_out)
+        self.ranks = [0] * slots  # true rank of the adapter in each slot for this layer (0: none)
 
     @property
     def in_features(self) -> int:
@@ -76,23 +79,32 @@ class MixedLoraLinear(nn.Module):
         self.lora_B = old_b.new_zeros(slots, rank, old_b.shape[2])  # (S', r', n_out)
         self.lora_A[:s0, :r0] = old_a
         self.lora_B[:s0, :r0] = old_b
+        self.ranks += [0] * (slots - len(self.ranks))
 
     def write_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         """Load one adapter's pair into a slot; ``None`` clears it (the adapter lacks this layer)."""
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
+        self.ranks[slot] = 0
         if a is None or b is None:
             return
         r = a.shape[0]
+        self.ranks[slot] = r
         self.lora_A[slot, :r] = a.to(self.lora_A.dtype)  # (r, n_in)
         self.lora_B[slot, :r] = (b.float() * scale).T.to(self.lora_B.dtype)  # (r, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (B, T, n_out)
         batch = self.state.batch
-        if batch is None or batch.idx is None or batch.w is None:
+        if batch is None or batch.plan is None:
             return y
-        if x.dim() != 3 or x.shape[0] != batch.idx.shape[0]:
-            raise MixError(f"input has shape {tuple(x.shape)} but the mixture was set for {batch.idx.shape[0]} rows; "
+        if x.dim() != 3 or x.shape[0] != batch.plan.n_rows:
+            raise MixError(f"input has shape {tuple(x.shape)} but the mixture was set for {batch.plan.n_rows} rows; "
                            "expected (rows, tokens, features)")
-        return y + mixed_lora(x, self.lora_A, self.lora_B, batch.idx, batch.w).to(y.dtype)  # (B, T, n_out)
+        key = id(self)
+        if key not in batch.cache:
+            batch.cache[key] = build_factors(batch.plan, self.lora_A, self.lora_B, self.ranks)
+        factors = batch.cache[key]
+        if factors is None:  # no adapter of this batch targets this layer
+            return y
+        return factors.add_to(y, x)  # type: ignore[attr-defined]  # (B, T, n_out)

@@ -21,6 +21,7 @@ from loramix.config import MixConfig
 from loramix.errors import MixError
 from loramix.lora import LoraWeights
 from loramix.mix.layers import MixBatch, MixedLoraLinear, MixState
+from loramix.mix.ops import make_plan
 
 Mixture = Sequence[tuple[str, float]]  # (adapter id, weight) pairs for one row
 
@@ -139,7 +140,10 @@ class MixedModel:
         ids = list(dict.fromkeys(aid for row in frozen for aid, w in row if w != 0.0))
         if not ids:
             return MixBatch(rows=frozen, ids=(), idx=None, w=None)
-        slots = self._acquire(ids)
+        # Slot tensors stay ordinary tensors whatever mode the caller is in: created or written inside
+        # torch.inference_mode they would become inference tensors, which no later write outside it may touch.
+        with torch.inference_mode(False), torch.no_grad():
+            slots = self._acquire(ids)
         k = max(len(row) for row in frozen)
         idx = torch.zeros(len(frozen), k, dtype=torch.long)  # (B, k)
         w = torch.zeros(len(frozen), k, dtype=torch.float32)  # (B, k)
@@ -148,8 +152,16 @@ class MixedModel:
                 if weight != 0.0:
                     idx[i, j], w[i, j] = slots[aid], weight
         device = next(self.model.parameters()).device
+        per_row: list[dict[int, float]] = []
+        for row in frozen:  # {slot: summed weight}, an adapter named twice in a row counts once
+            mix: dict[int, float] = {}
+            for aid, weight in row:
+                if weight != 0.0:
+                    mix[slots[aid]] = mix.get(slots[aid], 0.0) + weight
+            per_row.append({s: v for s, v in mix.items() if v != 0.0})
         self._pins.update(ids)
-        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device))
+        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device),
+                        plan=make_plan(per_row, device))
 
     def release(self, batch: MixBatch) -> None:
         """Unpin a batch's adapters (idempotent); they stay loaded until evicted."""

@@ -1,4 +1,4 @@
-"""The per-row LoRA mixture op: a fast batched path and a plain-torch reference.
+"""The per-row LoRA mixture op: per-batch plans with cached factors, a one-shot op and a reference.
 
 Every row ``b`` of a batch applies its own weighted mixture of up to ``k`` adapters that sit in
 fixed-capacity stacked tensors (slots)::
@@ -7,17 +7,170 @@ fixed-capacity stacked tensors (slots)::
 
 A slot holds ``A: (r, n_in)`` and ``B * scale: (n_out, r)``, zero-padded to the slot rank, so
 adapters of smaller rank and weight-0 padding entries contribute exactly zero.
+
+A row's mixture does not change while it decodes, so :func:`make_plan` decides once per batch
+composition how the batch is computed, and :func:`build_factors` copies each layer's share of the
+batch's adapters (true rank only) into small contiguous tensors, once per batch and layer:
+
+- ``same``: every row has the same mixture: one pair of plain matmuls on ``(B*T, n)`` with the
+  mixture's stacked factors, the weights folded into ``B``.
+- ``rows``: rows differ: either ``dense`` (one matmul against the batch's U distinct adapters,
+  a per-row weight mask, one matmul back; reads each adapter once per call, best for decode) or
+  ``gather`` (each row's own k adapters, weights folded into B, two batched matmuls; fewer flops,
+  best when a call has many tokens per row, as in prefill).
+
+Rows without an adapter get weight 0 everywhere, so their output is exactly the base layer's.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
+import torch.nn.functional as F
+
+DENSE_READ_COST = 8.0  # reading one adapter weight costs about this many multiply-adds (CPU, measured)
+GATHER_CACHE_RATIO = 4  # keep a layer's per-row gathered factors only up to this many times the distinct ones
+
+
+@dataclass(eq=False)
+class MixPlan:
+    """How one batch is computed, decided once per batch composition (by :func:`make_plan`)."""
+
+    kind: str  # "same" (every row the same mixture) or "rows" (rows differ, or some rows are base-only)
+    slots: tuple[int, ...]  # the batch's distinct adapters (U) by slot number
+    wu: torch.Tensor  # (B, U) float32: each row's weight on each distinct adapter, 0 where unused
+    uidx: torch.Tensor  # (B, K) long: each row's adapters as positions in ``slots`` (padding: 0)
+    gw: torch.Tensor  # (B, K) float32: their weights (padding: 0)
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.wu.shape[0])
+
+    def dense_for(self, tokens: int) -> bool:
+        """Whether a call with ``tokens`` tokens per row takes the dense form (``rows`` plans)."""
+        return dense_is_cheaper(self.n_rows, tokens, len(self.slots), int(self.uidx.shape[1]))
+
+
+def dense_is_cheaper(nb: int, nt: int, u: int, k: int) -> bool:
+    """Dense (all nb*nt tokens against the u distinct adapters, each read once) vs gather (each row's
+    nt tokens against its own k adapters, read once per row): multiply-adds plus weighted reads, per
+    unit of rank and width. Decode (nt = 1) with shared adapters favours dense, prefill gather."""
+    return u * (nb * nt + DENSE_READ_COST) <= k * nb * (nt + DENSE_READ_COST)
+
+
+def make_plan(rows: list[dict[int, float]], device: torch.device | None = None) -> MixPlan | None:
+    """The plan for a batch whose row ``b`` mixes slots ``rows[b]`` ({slot: weight}, weights != 0).
+    None when no row uses an adapter (the base model alone)."""
+    slots = tuple(dict.fromkeys(s for row in rows for s in row))
+    if not slots:
+        return None
+    pos = {s: i for i, s in enumerate(slots)}
+    nb, k = len(rows), max(len(row) for row in rows)
+    wu = torch.zeros(nb, len(slots), dtype=torch.float32)  # (B, U)
+    uidx = torch.zeros(nb, k, dtype=torch.long)  # (B, K)
+    gw = torch.zeros(nb, k, dtype=torch.float32)  # (B, K)
+    for i, row in enumerate(rows):
+        for j, (s, w) in enumerate(row.items()):
+            wu[i, pos[s]], uidx[i, j], gw[i, j] = w, pos[s], w
+    same = all(row == rows[0] for row in rows)
+    return MixPlan(kind="same" if same else "rows", slots=slots, wu=wu.to(device), uidx=uidx.to(device),
+                   gw=gw.to(device))
+
+
+@dataclass(eq=False)
+class Factors:
+    """One layer's share of one batch's adapters, copied once and reused every step.
+
+    ``a``: (U, r, n_in) and ``b``: (U, r, n_out) hold the distinct adapters that target this layer,
+    trimmed to the largest true rank among them; for a ``same`` plan ``b`` already carries the
+    mixture weights and ``w`` is None, otherwise ``w``: (B, 1, U*r) holds each row's weights.
+    """
+
+    plan: MixPlan
+    a: torch.Tensor  # (U, r, n_in)
+    b: torch.Tensor  # (U, r, n_out)
+    w: torch.Tensor | None  # (B, 1, U*r) per-row weights, or None when folded into b
+    uidx: torch.Tensor  # (B, K) positions in a/b of each row's adapters
+    gw: torch.Tensor  # (B, K) their weights
+    _by_dtype: dict[torch.dtype, Factors] = field(default_factory=dict)
+    _gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, K*r, n_in), (B, K*r, n_out) weights folded
+
+    def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's own adapters: A (B, K*r, n_in) and weight-folded B (B, K*r, n_out); kept when small."""
+        if self._gathered is not None:
+            return self._gathered
+        (nb, k), (u, r, n_out) = self.uidx.shape, self.b.shape
+        a_sel = self.a[self.uidx].view(nb, k * r, self.a.shape[2])  # (B, K*r, n_in)
+        b_sel = (self.b[self.uidx] * self.gw.to(self.b.dtype)[:, :, None, None]).view(nb, k * r, n_out)  # (B, K*r, n_out)
+        if nb * k <= GATHER_CACHE_RATIO * u:
+            self._gathered = (a_sel, b_sel)
+        return a_sel, b_sel
+
+    def to(self, dtype: torch.dtype) -> Factors:
+        """These factors in ``dtype`` (converted once, then kept)."""
+        if dtype == self.a.dtype:
+            return self
+        got = self._by_dtype.get(dtype)
+        if got is None:
+            got = Factors(self.plan, self.a.to(dtype), self.b.to(dtype), None if self.w is None else self.w.to(dtype),
+                          self.uidx, self.gw)
+            self._by_dtype[dtype] = got
+        return got
+
+    def add_to(self, y: torch.Tensor, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
+        """``y += mixture(x)`` in place and return ``y``; x: (B, T, n_in), y: (B, T, n_out).
+
+        ``dense`` forces the form of a ``rows`` plan (tests); None lets the plan choose.
+        """
+        f = self.to(y.dtype)
+        nb, nt, n_in = x.shape
+        u, r, n_out = f.b.shape
+        y2 = y.view(nb * nt, n_out)  # (B*T, n_out)
+        if f.w is None:  # same mixture on every row: weights already in b
+            h = F.linear(x.reshape(nb * nt, n_in), f.a.view(u * r, n_in))  # (B*T, U*r)
+            y2.addmm_(h.to(y.dtype), f.b.view(u * r, n_out))
+        elif self.plan.dense_for(nt) if dense is None else dense:  # every row against every distinct adapter, masked by its weights
+            h = F.linear(x, f.a.view(u * r, n_in)).to(y.dtype)  # (B, T, U*r)
+            h.mul_(f.w)  # (B, T, U*r)
+            y2.addmm_(h.view(nb * nt, u * r), f.b.view(u * r, n_out))
+        else:  # each row against its own adapters, weights folded into its B
+            a_sel, b_sel = f.gathered()  # (B, K*r, n_in), (B, K*r, n_out)
+            h = torch.bmm(x.to(y.dtype), a_sel.transpose(1, 2))  # (B, T, K*r)
+            y.baddbmm_(h, b_sel)
+        return y
+
+
+def build_factors(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int]) -> Factors | None:
+    """Copy this layer's share of the plan's adapters out of the slots; None when none targets it.
+
+    lora_a: (S, R, n_in); lora_b: (S, R, n_out) (B transposed, scaled); ranks: true rank per slot (0: absent).
+    """
+    present = [i for i, s in enumerate(plan.slots) if ranks[s] > 0]
+    if not present:
+        return None
+    r = max(ranks[plan.slots[i]] for i in present)
+    sel = torch.tensor([plan.slots[i] for i in present], device=lora_a.device)  # (U,)
+    a = lora_a[sel, :r].contiguous()  # (U, r, n_in)
+    b = lora_b[sel, :r].contiguous()  # (U, r, n_out)
+    wu = plan.wu[:, present]  # (B, U)
+    remap = torch.zeros(len(plan.slots), dtype=torch.long, device=plan.uidx.device)  # position among present
+    remap[present] = torch.arange(len(present), device=plan.uidx.device)
+    keep = torch.zeros(len(plan.slots), dtype=torch.bool, device=plan.uidx.device)
+    keep[present] = True
+    uidx = remap[plan.uidx]  # (B, K)
+    gw = torch.where(keep[plan.uidx], plan.gw, torch.zeros_like(plan.gw))  # (B, K)
+    if plan.kind == "same":
+        b = (b.float() * wu[0, :, None, None]).to(b.dtype)  # (U, r, n_out) weights folded in
+        return Factors(plan, a, b, None, uidx, gw)
+    w = wu.repeat_interleave(r, dim=1).unsqueeze(1).to(a.dtype)  # (B, 1, U*r)
+    return Factors(plan, a, b, w, uidx, gw)
 
 
 def mixed_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Fast path: gather each row's adapters and apply them with two batched matmuls.
+    """One-shot op (no plan, nothing cached): gather each row's adapters, two batched matmuls.
 
-    x: (B, T, n_in); a: (S, r, n_in); bt: b is (S, r, n_out) — B stored transposed;
+    x: (B, T, n_in); a: (S, r, n_in); b: (S, r, n_out) — B stored transposed;
     idx: (B, k) slot numbers; w: (B, k) mixture weights.  Returns the LoRA part only: (B, T, n_out).
     """
     nb, k = idx.shape

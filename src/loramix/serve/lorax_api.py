@@ -61,7 +61,7 @@ class Parameters(BaseModel):
     ignore_eos_token: bool | None = None
     repetition_penalty: float | None = None
     return_full_text: bool | None = None
-    seed: Annotated[int, Field(ge=0)] | None = None
+    seed: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
     stop: list[str] | None = None
     temperature: Annotated[float, Field(ge=0)] | None = None
     top_k: int | None = None

@@ -35,6 +35,11 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def is_sha(s: str) -> bool:
+    """True for a blob id: 64 lowercase hex digits."""
+    return bool(_SHA_RE.fullmatch(s))
+
+
 class BlobStore:
     """Files named by the sha256 of their bytes."""
 

@@ -1,7 +1,12 @@
 """Read, validate and write PEFT LoRA folders (``adapter_config.json`` + ``adapter_model.safetensors``).
 
 Weights are only ever read with safetensors: a folder holding any pickle-format weight file
-(``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.ckpt``, ...) is rejected without opening it.
+(``.bin``, ``.pt``, ``.pth``, ``.pkl``, ``.ckpt``, ...) is rejected without opening it. Only the
+folder's own top-level entries are looked at (never its subfolders), and a folder holding any
+symlink is refused, so an import reads nothing outside the folder it was given.
+
+torch and safetensors are imported inside the functions that need them: listing and showing
+adapters (which import the store) never load torch.
 """
 
 from __future__ import annotations
@@ -13,22 +18,24 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save, save_file
-
-from loramix.errors import InvalidAdapter, LibraryError
+from loramix.errors import InvalidAdapter, LibraryError, one_line, short
 from loramix.lora import PEFT_PREFIX, LoraWeights
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 CONFIG_META_KEY = "adapter_config"  # safetensors metadata key holding the adapter's config JSON
 PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib"})
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = 1 << 20  # adapter_config.json size limit
+MAX_RANK = 65536  # r above this is refused before any tensor is read
+MAX_SCALE = 1000.0  # |lora_alpha / r| (or / sqrt(r) with rslora) above this is refused as absurd
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "blocks", "layer")  # PEFT's default layers_pattern
 
 # <optional base_model.model.><module path>.lora_A|lora_B<optional .adapter_name>.weight
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)\.(?P<part>lora_A|lora_B)(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -46,8 +53,8 @@ _UNSUPPORTED = {
 }
 
 # config fields dropped on export: the exported target_modules list names every adapted layer exactly
-_EXPORT_RESET: dict[str, Any] = {"layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
-                                 "rank_pattern": {}, "alpha_pattern": {}}
+# (layers_to_transform / layers_pattern are kept: the import checked the tensors obey them)
+_EXPORT_RESET: dict[str, Any] = {"exclude_modules": None, "rank_pattern": {}, "alpha_pattern": {}}
 
 
 def human_bytes(n: float) -> str:
@@ -62,50 +69,126 @@ def human_bytes(n: float) -> str:
 def read_peft_dir(path: str | Path, base_shapes: Mapping[str, tuple[int, int]] | None = None,
                   max_bytes: int = 2**30) -> LoraWeights:
     """Read and validate a PEFT LoRA folder; raise :class:`InvalidAdapter` naming the problem."""
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise InvalidAdapter(f"{folder} is not a folder; expected a PEFT LoRA folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
-    check_no_pickles(folder)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = check_folder(path)
     cfg_path, w_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-    for p in (cfg_path, w_path):
-        if not p.is_file():
-            raise InvalidAdapter(f"{folder} has no {p.name}; expected a PEFT LoRA folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
-    _check_size(cfg_path, min(max_bytes, MAX_CONFIG_BYTES))
-    _check_size(w_path, max_bytes)
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidAdapter(f"{cfg_path} is not valid JSON ({e}); expected a PEFT adapter config object") from e
-    if not isinstance(config, dict):
-        raise InvalidAdapter(f"{cfg_path} holds a JSON {type(config).__name__}; expected an object")
+    _check_size(cfg_path, MAX_CONFIG_BYTES, "the adapter_config.json limit (MAX_CONFIG_BYTES)")
+    _check_size(w_path, max_bytes, "the library's max_bytes")
+    config = _read_config(cfg_path)
     check_config(config, base_shapes)
     try:
         state = load_file(str(w_path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise InvalidAdapter(f"{w_path} is not a readable safetensors file: {e}") from e
+        raise InvalidAdapter(f"{WEIGHTS_NAME} is not a readable safetensors file: {one_line(e)}") from e
     weights = LoraWeights.from_peft_state_dict(canonical_state(state), config)
     validate_weights(weights, base_shapes)
     return weights
 
 
-def check_no_pickles(folder: Path) -> None:
-    """Reject a folder holding any pickle-format weight file, even beside a safetensors file."""
-    for root, _dirs, files in os.walk(folder):
-        for f in sorted(files):
-            if Path(f).suffix.lower() in PICKLE_SUFFIXES:
-                rel = Path(root, f).relative_to(folder)
-                raise InvalidAdapter(
-                    f"{folder} contains {rel}, a pickle-format file; loramix never unpickles files. "
-                    f"Expected only {CONFIG_NAME} and {WEIGHTS_NAME} (re-save with safe_serialization=True and "
-                    "remove the pickle file)"
-                )
+def check_folder(path: str | Path) -> Path:
+    """The cheap checks, before anything is read: a folder holding the two files, no symlink, no pickle."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise InvalidAdapter(f"{short(str(folder))} is not a folder; expected a PEFT LoRA folder with {CONFIG_NAME} "
+                             f"and {WEIGHTS_NAME}")
+    for i, name in enumerate((CONFIG_NAME, WEIGHTS_NAME)):  # no config: not an adapter folder (say so first)
+        if i == 1:
+            check_entries(folder)  # a pickle beside the config says more than "no safetensors file"
+        p = folder / name
+        if not p.is_file():
+            raise InvalidAdapter(f"{short(str(folder))} has no {name}; expected a PEFT LoRA "
+                                 f"folder with {CONFIG_NAME} and {WEIGHTS_NAME}")
+    return folder
 
 
-def _check_size(path: Path, limit: int) -> None:
+def _read_config(cfg_path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except RecursionError:
+        raise InvalidAdapter(f"{CONFIG_NAME} is nested too deeply to parse; expected a flat PEFT adapter config "
+                             "object") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError, and ints over Python's digit limit
+        raise InvalidAdapter(f"{CONFIG_NAME} is not valid JSON ({one_line(e)}); expected a PEFT adapter config "
+                             "object") from None
+    if not isinstance(config, dict):
+        raise InvalidAdapter(f"{CONFIG_NAME} holds a JSON {type(config).__name__}; expected an object")
+    return config
+
+
+def check_entries(folder: Path) -> None:
+    """Look at the folder's own entries only: refuse symlinks and pickle-format weight files.
+
+    A pickle file is refused even beside a safetensors file; a symlink is refused wherever it points
+    (an import reads only regular files that live in the folder). Subfolders are never entered.
+    """
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise InvalidAdapter(f"cannot read the folder {short(str(folder))}: {one_line(e)}") from None
+    for entry in entries:
+        if entry.is_symlink():
+            raise InvalidAdapter(
+                f"{short(str(folder))} contains {short(entry.name)!r}, a symlink; loramix reads only regular files "
+                f"inside the adapter folder. Expected {CONFIG_NAME} and {WEIGHTS_NAME} as plain files (copy them "
+                "in instead of linking)")
+        if Path(entry.name).suffix.lower() in PICKLE_SUFFIXES:
+            raise InvalidAdapter(
+                f"{short(str(folder))} contains {short(entry.name)}, a pickle-format file; loramix never unpickles "
+                f"files. Expected only {CONFIG_NAME} and {WEIGHTS_NAME} (re-save with safe_serialization=True and "
+                "remove the pickle file)"
+            )
+
+
+def _check_size(path: Path, limit: int, what: str) -> None:
     size = path.stat().st_size
     if size > limit:
         raise InvalidAdapter(f"{path.name} is {human_bytes(size)}, over the size limit of {human_bytes(limit)} "
-                             f"({limit} bytes, the library's max_bytes)")
+                             f"({limit} bytes, {what})")
+
+
+def _finite_number(x: object) -> float | None:
+    """``x`` as a finite float, or None (bools, non-numbers, NaN, inf and ints too big for a float)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def layer_index(path: str, patterns: Sequence[str]) -> int | None:
+    """The block index in a module path (``model.layers.3.mlp.up_proj`` -> 3), as PEFT finds it."""
+    for pat in patterns:
+        m = re.search(rf"(?:^|\.){re.escape(pat)}\.(\d+)\.", path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def _layer_filter(config: Mapping[str, Any]) -> tuple[set[int], list[str]] | None:
+    """(allowed layer indices, layer patterns) from layers_to_transform / layers_pattern, or None when unset."""
+    ltt = config.get("layers_to_transform")
+    if ltt is None:
+        return None
+    if isinstance(ltt, bool) or not isinstance(ltt, int | list) or (
+            isinstance(ltt, list) and not all(isinstance(i, int) and not isinstance(i, bool) for i in ltt)):
+        raise InvalidAdapter(f"adapter_config.json has layers_to_transform={short(repr(ltt))}; expected an integer "
+                             "or a list of integers (layer indices)")
+    allowed = {ltt} if isinstance(ltt, int) else set(ltt)
+    pat = config.get("layers_pattern")
+    if pat is None:
+        patterns = list(DEFAULT_LAYER_PATTERNS)
+    elif isinstance(pat, str) and pat:
+        patterns = [pat]
+    elif isinstance(pat, list) and pat and all(isinstance(p, str) and p for p in pat):
+        patterns = list(pat)
+    else:
+        raise InvalidAdapter(f"adapter_config.json has layers_pattern={short(repr(pat))}; expected a string or a "
+                             "list of strings such as 'layers'")
+    return allowed, patterns
 
 
 def check_config(config: dict[str, Any], base_shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
@@ -114,22 +197,37 @@ def check_config(config: dict[str, Any], base_shapes: Mapping[str, tuple[int, in
     if peft_type != "LORA":
         raise InvalidAdapter(f"adapter_config.json has peft_type {peft_type!r}; expected 'LORA'")
     r = config.get("r")
-    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        raise InvalidAdapter(f"adapter_config.json has r={r!r}; expected a positive integer rank")
-    alpha = config.get("lora_alpha", r)
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise InvalidAdapter(f"adapter_config.json has lora_alpha={alpha!r}; expected a finite number")
+    if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= MAX_RANK:
+        raise InvalidAdapter(f"adapter_config.json has r={short(repr(r))}; expected a positive integer rank of at "
+                             f"most {MAX_RANK}")
+    alpha = _finite_number(config.get("lora_alpha", r))
+    if alpha is None:
+        raise InvalidAdapter(f"adapter_config.json has lora_alpha={short(repr(config.get('lora_alpha')))}; "
+                             "expected a finite number")
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise InvalidAdapter(f"adapter_config.json has use_rslora={short(repr(rslora))}; expected true or false")
+    check_scale(alpha, r, rslora)
     for key, what in _UNSUPPORTED.items():
         if config.get(key):
-            raise InvalidAdapter(f"adapter_config.json sets {key}={config[key]!r}: {what} are not supported; "
-                                 "expected a plain LoRA adapter")
+            raise InvalidAdapter(f"adapter_config.json sets {key}={short(repr(config[key]))}: {what} are not "
+                                 "supported; expected a plain LoRA adapter")
+    _layer_filter(config)
     targets = config.get("target_modules")
     if base_shapes is not None and isinstance(targets, list):
         for t in targets:
             if not isinstance(t, str) or not any(p == t or p.endswith("." + t) for p in base_shapes):
-                short = sorted({p.rsplit(".", 1)[-1] for p in base_shapes})
-                raise InvalidAdapter(f"target module {t!r} matches no linear layer of the base model; "
-                                     f"expected one of {short}")
+                names = sorted({p.rsplit(".", 1)[-1] for p in base_shapes})
+                raise InvalidAdapter(f"target module {short(repr(t))} matches no linear layer of the base model; "
+                                     f"expected one of {names}")
+
+
+def check_scale(alpha: float, r: int, rslora: bool) -> None:
+    """The LoRA scale (alpha / r, or alpha / sqrt(r) with rslora) must be finite and at most MAX_SCALE."""
+    scale = alpha / math.sqrt(r) if rslora else alpha / r
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise InvalidAdapter(f"lora_alpha={alpha:g} with r={r} gives the scale {scale:g}; expected a finite scale "
+                             f"of magnitude at most {MAX_SCALE:g} (typical adapters use 0.5 to 4)")
 
 
 def canonical_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -139,12 +237,13 @@ def canonical_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         m = _KEY_RE.fullmatch(key)
         if m is None:
             raise InvalidAdapter(
-                f"tensor {key!r} is not a LoRA tensor; expected names like "
+                f"tensor {short(repr(key))} is not a LoRA tensor; expected names like "
                 "'base_model.model.<module>.lora_A.weight' (DoRA, bias and embedding adapters are not supported)"
             )
         canon = f"{PEFT_PREFIX}{m['path']}.{m['part']}.weight"
         if canon in out:
-            raise InvalidAdapter(f"tensor {key!r} duplicates {canon!r}; expected one adapter per file")
+            raise InvalidAdapter(f"tensor {short(repr(key))} duplicates {short(repr(canon))}; expected one adapter "
+                                 "per file")
         out[canon] = t
     if not out:
         raise InvalidAdapter(f"{WEIGHTS_NAME} has no tensors; expected lora_A / lora_B pairs")
@@ -152,15 +251,26 @@ def canonical_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 
 def validate_weights(w: LoraWeights, base_shapes: Mapping[str, tuple[int, int]] | None = None) -> None:
-    """Check ranks, shapes (against the base when known), dtypes and finiteness of every layer."""
-    if isinstance(w.rank, bool) or not isinstance(w.rank, int) or w.rank < 1:
-        raise InvalidAdapter(f"rank is {w.rank!r}; expected a positive integer")
-    if not math.isfinite(float(w.alpha)):
-        raise InvalidAdapter(f"alpha is {w.alpha!r}; expected a finite number")
+    """Check ranks, scale, shapes (against the base when known), dtypes, finiteness and layer filter of every layer."""
+    import torch
+
+    if isinstance(w.rank, bool) or not isinstance(w.rank, int) or not 1 <= w.rank <= MAX_RANK:
+        raise InvalidAdapter(f"rank is {short(repr(w.rank))}; expected a positive integer of at most {MAX_RANK}")
+    alpha = _finite_number(w.alpha)
+    if alpha is None:
+        raise InvalidAdapter(f"alpha is {short(repr(w.alpha))}; expected a finite number")
+    check_scale(alpha, w.rank, bool(w.use_rslora))
     if not w.layers:
         raise InvalidAdapter("adapter has no LoRA layers; expected at least one (A, B) pair")
+    layer_filter = _layer_filter(w.extra_config)
     r = w.rank
     for path, pair in w.layers.items():
+        if layer_filter is not None:
+            idx = layer_index(path, layer_filter[1])
+            if idx is None or idx not in layer_filter[0]:
+                raise InvalidAdapter(
+                    f"layer {short(path)} is outside layers_to_transform={sorted(layer_filter[0])} (layer "
+                    f"{idx if idx is not None else 'unknown'}); expected tensors only for the layers the config names")
         if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
             raise InvalidAdapter(f"layer {path}: expected a pair of tensors (A, B)")
         a, b = pair
@@ -203,12 +313,17 @@ def config_json(w: LoraWeights) -> str:
 
 def blob_bytes(w: LoraWeights) -> bytes:
     """The canonical safetensors bytes of ``w`` (deterministic: same adapter, same bytes)."""
+    from safetensors.torch import save
+
     tensors = {k: t.detach().cpu().contiguous() for k, t in w.to_peft_state_dict().items()}
     return save(tensors, metadata={CONFIG_META_KEY: config_json(w)})  # one metadata key keeps bytes deterministic
 
 
 def read_blob(path: str | Path) -> LoraWeights:
     """Read a loramix blob: tensors plus the config kept in its safetensors metadata."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -227,6 +342,8 @@ def _fsync_file(path: Path) -> None:
 
 def write_peft_dir(w: LoraWeights, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Write ``w`` as a PEFT folder, atomically: a temp folder beside ``out_dir`` renamed into place."""
+    from safetensors.torch import save_file
+
     out = Path(out_dir).expanduser()
     if out.exists():
         if not out.is_dir():

@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from loramix.errors import InvalidAdapter, LibraryError
+from loramix.errors import InvalidAdapter, LibraryError, short
 
-NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+NAME_RE = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,99}$")  # no leading '-': it would read as a CLI option
 ID_RE = re.compile(r"^[0-9a-f]{16}$")  # ids are uuid4().hex[:16]
 
 
@@ -59,10 +59,10 @@ class AdapterRecord:
 
 
 def check_name(name: object, what: str = "adapter name") -> str:
-    """A valid name: 1-100 of ``A-Z a-z 0-9 . _ -``, not only dots, not shaped like an adapter id."""
+    """A valid name: 1-100 of ``A-Z a-z 0-9 . _ -``, not starting with ``-``, not only dots, not shaped like an id."""
     if not isinstance(name, str) or not NAME_RE.fullmatch(name) or set(name) == {"."}:
-        raise InvalidAdapter(f"invalid {what} {name!r}; expected 1-100 characters from A-Z a-z 0-9 . _ - "
-                             "(and not only dots)")
+        raise InvalidAdapter(f"invalid {what} {short(repr(name))}; expected 1-100 characters from A-Z a-z 0-9 . _ - "
+                             "(not starting with '-', and not only dots)")
     if what == "adapter name" and ID_RE.fullmatch(name):
         raise InvalidAdapter(f"invalid adapter name {name!r}: 16 hex digits look like an adapter id; "
                              "expected a name with at least one other character")
@@ -78,7 +78,7 @@ def check_tags(tags: Iterable[str] | str | None, what: str) -> list[str]:
     out: list[str] = []
     for t in tags:
         if not isinstance(t, str) or not t.strip():
-            raise InvalidAdapter(f"{what} holds {t!r}; expected non-empty strings")
+            raise InvalidAdapter(f"{what} holds {short(repr(t))}; expected non-empty strings")
         t = t.strip()
         if t not in out:
             out.append(t)
@@ -94,7 +94,7 @@ def check_texts(texts: Iterable[str] | str | None) -> list[str]:
     out = []
     for t in texts:
         if not isinstance(t, str):
-            raise InvalidAdapter(f"example {t!r} is a {type(t).__name__}; expected a string")
+            raise InvalidAdapter(f"example {short(repr(t))} is a {type(t).__name__}; expected a string")
         if t.strip():
             out.append(t)
     return out

@@ -17,16 +17,18 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeAlias
 
 import numpy as np
 
 from loramix.config import home_dir
-from loramix.errors import AccessDenied, AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError
+from loramix.errors import AccessDenied, AdapterExists, AdapterNotFound, InvalidAdapter, LibraryError, short
 from loramix.lora import LoraWeights
-from loramix.store.blobs import BlobStore
+from loramix.store.blobs import BlobStore, is_sha
 from loramix.store.bulk import NewAdapter, ScaleMixin
+from loramix.store.faults import fault
 from loramix.store.peft_io import (
     blob_bytes,
     human_bytes,
@@ -176,7 +178,7 @@ class Library(ScaleMixin):
         """The error for a missing adapter; for a tenant it looks only at what the tenant may see."""
         if isinstance(ref, AdapterRecord):
             ref = ref.id
-        msg = f"no adapter named or with id {ref!r} in the library at {self.home}"
+        msg = f"no adapter named or with id {short(repr(ref))} in the library at {self.home}"
         vis, params = (f" AND {VISIBLE}", [tenant]) if tenant is not None else ("", [])
         if c.execute(f"SELECT 1 FROM adapters a WHERE 1{vis} LIMIT 1", params).fetchone() is None:
             return AdapterNotFound(msg + "; the library is empty (add one with Library.add or `loramix add`)")
@@ -245,6 +247,7 @@ class Library(ScaleMixin):
                                  f"of {human_bytes(self.max_bytes)} ({self.max_bytes} bytes, max_bytes)")
         tmp, sha = self.blobs.write_temp(data)
         del data
+        fault("add.after_temp_write")
         placed = committed = False
         try:
             with self._lock:
@@ -255,12 +258,14 @@ class Library(ScaleMixin):
                     if taken is not None:
                         raise self._exists_error(name, taken["id"], owner)
                     placed = self.blobs.place(tmp, sha)
+                    fault("add.after_place")
                     adapter_id = self._new_id(c)
                     self._insert_rows(c, adapter_id, name, description, dtags, stags, weights, sha, meta_json,
                                       texts, vec)
                     if owner is not None or public:
                         c.execute("UPDATE adapters SET owner = ?, public = ? WHERE id = ?",
                                   (owner, int(public), adapter_id))
+                    fault("add.before_commit")
                     c.execute("COMMIT")
                     committed = True
                 except BaseException:
@@ -373,29 +378,43 @@ class Library(ScaleMixin):
 
         With ``tenant``: only an adapter it may see, and not a shared one (owner None) or another tenant's
         public one, which it may use but not delete (AccessDenied).
+
+        Two transactions, so that no crash leaves a row without its blob: the rows' deletion commits
+        first; then, under a new write lock, the blob is deleted only if no row references it (a crash
+        in between leaves an orphan blob, which :meth:`gc` removes).
         """
         tenant = check_tenant(tenant)
-        with self._lock:
-            c = self._conn
-            c.execute("BEGIN IMMEDIATE")
-            trashed: Path | None = None
-            try:
-                row = self._require(c, name_or_id, tenant)
-                if tenant is not None and row["owner"] != tenant:
-                    raise AccessDenied(f"adapter {row['name']!r} is not yours to delete: it belongs to "
-                                       f"{'the shared library' if row['owner'] is None else 'another tenant'}; "
-                                       "expected one of your own adapters")
-                c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
-                if c.execute("SELECT 1 FROM adapters WHERE blob = ? LIMIT 1", (row["blob"],)).fetchone() is None:
-                    trashed = self.blobs.trash(row["blob"])
-                c.execute("COMMIT")
-            except BaseException:
-                if trashed is not None:
-                    self.blobs.restore(trashed, row["blob"])
-                self._rollback()
-                raise
-        if trashed is not None:
-            trashed.unlink(missing_ok=True)
+        with self._write() as c:
+            row = self._require(c, name_or_id, tenant)
+            if tenant is not None and row["owner"] != tenant:
+                raise AccessDenied(f"adapter {short(repr(row['name']))} is not yours to delete: it belongs to "
+                                   f"{'the shared library' if row['owner'] is None else 'another tenant'}; "
+                                   "expected one of your own adapters")
+            c.execute("DELETE FROM adapters WHERE id = ?", (row["id"],))
+            fault("remove.after_row_delete")
+        fault("remove.after_commit")
+        with contextlib.suppress(OSError, sqlite3.Error):  # the adapter is gone; a leftover blob is gc's job
+            self._delete_if_orphan(row["blob"], "remove.after_blob_delete")
+    def _restore_trashed(self, f: Path) -> bool:
+        """Put back a blob that an older loramix's interrupted remove moved aside while its row stayed."""
+        sha = f.name.split(".trash-", 1)[0] if ".trash-" in f.name else ""
+        if not is_sha(sha):
+            return False
+        with self._write() as c:
+            if (c.execute("SELECT 1 FROM adapters WHERE blob = ? LIMIT 1", (sha,)).fetchone() is None
+                    or self.blobs.exists(sha)):
+                return False
+            self.blobs.restore(f, sha)
+            return True
+
+    def _delete_if_orphan(self, sha: str, point: str) -> bool:
+        """Delete blob ``sha`` if no row references it, holding the write lock so no add can claim it meanwhile."""
+        with self._write() as c:
+            if c.execute("SELECT 1 FROM adapters WHERE blob = ? LIMIT 1", (sha,)).fetchone() is not None:
+                return False
+            deleted = self.blobs.delete(sha)
+            fault(point)
+            return deleted
 
     def update(self, name_or_id: Ref, description: str | None = None, domain_tags: Iterable[str] | None = None,
                skill_tags: Iterable[str] | None = None, meta: dict[str, Any] | None = None,
@@ -436,15 +455,24 @@ class Library(ScaleMixin):
         with self._write() as c:
             self._put_key(c, self._require(c, id)["id"], v)
 
-    def set_keys(self, ids: Sequence[Ref], vecs: np.ndarray) -> None:
-        """Store many keys in one transaction: ``vecs`` is (len(ids), d)."""
+    def set_keys(self, ids: Sequence[Ref], vecs: np.ndarray, missing_ok: bool = False) -> builtins.list[str]:
+        """Store many keys in one transaction: ``vecs`` is (len(ids), d). Returns the ids keyed.
+
+        ``missing_ok`` skips adapters removed meanwhile (by another process) instead of failing them all.
+        """
         m = np.asarray(vecs)
         if m.ndim != 2 or m.shape[0] != len(ids):
             raise LibraryError(f"keys have shape {m.shape}; expected ({len(ids)}, d), one row per id")
         rows = [check_key(v) for v in m]
+        done: builtins.list[str] = []
         with self._write() as c:
             for ref, v in zip(ids, rows, strict=True):
-                self._put_key(c, self._require(c, ref)["id"], v)
+                row = self._find(c, ref) if missing_ok else self._require(c, ref)
+                if row is not None:
+                    self._put_key(c, row["id"], v)
+                    done.append(row["id"])
+            fault("key.before_commit")
+        return done
 
     @staticmethod
     def _put_key(c: sqlite3.Connection, adapter_id: str, v: np.ndarray) -> None:
@@ -531,18 +559,40 @@ class Library(ScaleMixin):
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def gc(self, stale_after: float = 3600.0) -> int:
-        """Delete blobs no adapter references and temp files older than ``stale_after`` s; returns the count."""
-        removed = 0
+    def gc(self, stale_after: float = 3600.0, dry_run: bool = False) -> GcReport:
+        """Remove temp and trash files older than ``stale_after`` s and blobs no adapter references.
+
+        Safe while other processes work: a temp file younger than ``stale_after`` may be an import in
+        progress and is kept; each orphan is checked and deleted under the write lock, so an import
+        that is placing the same blob either committed its row first (the blob is kept) or waits.
+        ``dry_run`` deletes nothing and reports what would go.
+        """
+        report = GcReport(dry_run=dry_run)
         for f in self.blobs.stale_temps(stale_after):
             with contextlib.suppress(FileNotFoundError):
-                f.unlink()
-                removed += 1
-        with self._write() as c:
-            for sha in list(self.blobs.iter_shas()):
-                if c.execute("SELECT 1 FROM adapters WHERE blob = ? LIMIT 1", (sha,)).fetchone() is None:
-                    removed += int(self.blobs.delete(sha))
-        return removed
+                if not dry_run and self._restore_trashed(f):
+                    report.restored.append(f.name)
+                    continue
+                size = f.stat().st_size
+                if not dry_run:
+                    f.unlink()
+                report.temp_files.append(f.name)
+                report.bytes += size
+        referenced = {r[0] for r in self._read("SELECT DISTINCT blob FROM adapters")}
+        for sha in [s for s in self.blobs.iter_shas() if s not in referenced]:
+            with contextlib.suppress(FileNotFoundError):
+                size = self.blobs.path(sha).stat().st_size
+                if dry_run:
+                    gone = self._read("SELECT 1 FROM adapters WHERE blob = ? LIMIT 1", (sha,)) == []
+                else:
+                    gone = self._delete_if_orphan(sha, "gc.after_blob_delete")
+                if gone:
+                    report.orphan_blobs.append(sha)
+                    report.bytes += size
+        report.unkeyed = [r[0] for r in self._read(
+            "SELECT name FROM adapters a WHERE NOT EXISTS (SELECT 1 FROM keys k WHERE k.adapter_id = a.id) "
+            "ORDER BY a.rowid")]
+        return report
 
     # --- audit log -----------------------------------------------------------------------------
     def audit(self, action: str, tenant: str | None = None, adapter: str | None = None, outcome: str = "ok",
@@ -555,3 +605,24 @@ class Library(ScaleMixin):
         """The newest ``limit`` audit rows, newest first; only ``tenant``'s rows when given."""
         with self._lock:
             return read_audit(self._conn, limit, check_tenant(tenant))
+
+@dataclass
+class GcReport:
+    """What :meth:`Library.gc` removed (or, with ``dry_run``, would remove)."""
+
+    dry_run: bool = False
+    temp_files: builtins.list[str] = field(default_factory=list)  # names in blobs/tmp (temp and trash files)
+    orphan_blobs: builtins.list[str] = field(default_factory=list)  # sha256 of blobs no adapter references
+    bytes: int = 0  # freed
+    unkeyed: builtins.list[str] = field(default_factory=list)  # adapters without a routing key (keyed at next start)
+
+    restored: builtins.list[str] = field(default_factory=list)  # trash files put back: a row still needed them
+
+    @property
+    def removed(self) -> int:
+        return len(self.temp_files) + len(self.orphan_blobs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dry_run": self.dry_run, "removed": self.removed, "temp_files": self.temp_files,
+                "orphan_blobs": self.orphan_blobs, "bytes": self.bytes, "unkeyed": self.unkeyed,
+                "restored": self.restored}

@@ -27,6 +27,9 @@ class TrainReport:
     tokens_seen: int
     seconds: float
     losses: list[float] = field(default_factory=list)
+    eval_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, eval loss) when eval_every > 0
+    best_step: int | None = None
+    stop_reason: str = "steps"  # steps | plateau | time
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +62,9 @@ def _eval_loss(model, rows: torch.Tensor, batch_size: int) -> float:
 def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | None = None,
                  progress: bool = True, description: str = "") -> tuple[LoraWeights, TrainReport]:
     """LoRA-train the base on ``texts``; returns the adapter and eval losses before and after."""
+    from loramix.config import offline_env
+
+    offline_env()
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     cfg = cfg or TrainConfig()
@@ -93,6 +99,9 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
     losses: list[float] = []
     order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))
     pm.train()
+    curve: list[tuple[int, float]] = [(0, before)]
+    best_loss, best_step, stale, stop = before, 0, 0, "steps"
+    best_state = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     with Progress(TextColumn("[bold]train {task.fields[name]}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
@@ -113,10 +122,31 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
             bar.update(task, advance=1, loss=recent)
             if progress and not bar.console.is_terminal and (step + 1) % 10 == 0:  # logs get plain lines
                 bar.console.print(f"train {description or 'expert'}: step {step + 1}/{cfg.steps} loss {recent}")
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0:
+                ev = _eval_loss(pm, eval_rows, cfg.batch_size)
+                pm.train()
+                curve.append((step + 1, ev))
+                if ev < best_loss - cfg.min_delta:
+                    best_loss, best_step, stale = ev, step + 1, 0
+                    best_state = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
+                else:
+                    stale += 1
+                if stale >= cfg.patience:
+                    stop = "plateau"
+                    break
+            if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+                stop = "time"
+                break
+    if cfg.eval_every:  # keep the best evaluated weights
+        with torch.no_grad():
+            for n, p in pm.named_parameters():
+                if n in best_state:
+                    p.copy_(best_state[n])
     after = _eval_loss(pm, eval_rows, cfg.batch_size)
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
     weights = LoraWeights.from_peft_state_dict(state, {"r": cfg.rank, "lora_alpha": cfg.alpha})
-    report = TrainReport(eval_loss_before=before, eval_loss_after=after, steps=cfg.steps, train_texts=len(train_texts),
-                         eval_texts=len(eval_texts), tokens_seen=cfg.steps * cfg.batch_size * cfg.seq_len,
-                         seconds=time.perf_counter() - start, losses=losses)
+    report = TrainReport(eval_loss_before=before, eval_loss_after=after, steps=len(losses), train_texts=len(train_texts),
+                         eval_texts=len(eval_texts), tokens_seen=len(losses) * cfg.batch_size * cfg.seq_len,
+                         seconds=time.perf_counter() - start, losses=losses, eval_curve=curve,
+                         best_step=best_step if cfg.eval_every else None, stop_reason=stop)
     return weights, report

@@ -25,7 +25,7 @@ import os
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from loramix.app import Loramix
 
 LOSS_CACHE = "losses.npz"
+SUPERVISED_GRID = (0.0, 1e-2, 1e-1)  # weight decays tried by the supervised head, picked on held-out texts
 Mixture = list[tuple[str, float]]
 
 
@@ -68,6 +69,7 @@ class RouterReport:
     rows_cached: int
     seconds: float
     path: str
+    validation: dict[str, Any] = field(default_factory=dict)  # held-out routed losses, mix, verdict
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -84,15 +86,18 @@ class SupervisedReport:
     steps: int
     seconds: float
     path: str
+    weight_decay: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 # --- data -------------------------------------------------------------------------------------
-def split_texts(texts: Sequence[str], query_fraction: float = 0.4, max_words: int = 128) -> tuple[list[str], list[str]]:
+def split_texts(texts: Sequence[str], query_fraction: float = 0.4, max_words: int = 128,
+                target_words: int | None = None) -> tuple[list[str], list[str]]:
     """Cut plain texts into (query, target): the first ``query_fraction`` of the words (of the first
-    ``max_words``) is the query, the rest the target (keeping its leading whitespace). Texts of fewer
+    ``max_words``) is the query, the rest the target (keeping its leading whitespace), cut to its
+    first ``target_words`` words when given (short continuations are cheap to score). Texts of fewer
     than 2 words are skipped."""
     queries, targets = [], []
     for text in texts:
@@ -101,8 +106,9 @@ def split_texts(texts: Sequence[str], query_fraction: float = 0.4, max_words: in
             continue
         n_q = min(len(words) - 1, max(1, round(len(words) * query_fraction)))
         cut = words[n_q - 1].end()
+        last = words[-1] if target_words is None else words[min(len(words), n_q + target_words) - 1]
         queries.append(text[:cut].strip())
-        targets.append(text[cut: words[-1].end()])
+        targets.append(text[cut: last.end()])
     return queries, targets
 
 
@@ -131,7 +137,7 @@ def load_pairs(spec: str, cfg: RouterTrainConfig | None = None) -> tuple[list[st
         ts = [r.get("target", r.get("output")) for r in rows]
         if all(isinstance(x, str) for x in qs + ts):  # a target gets a leading space to follow its query
             return [str(q) for q in qs], [str(t) if str(t)[:1].isspace() else f" {t}" for t in ts]
-    return split_texts(load_source(spec), cfg.query_fraction, cfg.max_words)
+    return split_texts(load_source(spec), cfg.query_fraction, cfg.max_words, cfg.target_words)
 
 
 def load_labelled(engine: Loramix, spec: str | None) -> tuple[list[str], list[str]]:
@@ -299,9 +305,29 @@ class _QueryEncoder:
             return F.normalize(emb, dim=-1)
 
 
+def _routed_loss(logits: torch.Tensor, losses: torch.Tensor) -> float:
+    """Mean loss of each row's top-1 candidate under the router's logits (N, K) and candidate losses (N, K)."""
+    pick = logits.argmax(dim=1, keepdim=True)  # (N, 1)
+    return float(losses.gather(1, pick).mean())
+
+
+def _val_key(logits: torch.Tensor, losses: torch.Tensor) -> tuple[float, float]:
+    """(routed loss, expected loss under softmax(logits)): the held-out criterion, ties broken by confidence."""
+    return _routed_loss(logits, losses), float((F.softmax(logits, dim=1) * losses).sum(dim=1).mean())
+
+
 def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
                  cfg: RouterTrainConfig | None = None, progress: bool = True) -> RouterReport:
-    """Distil the adapters' losses on (query, target) pairs into the router head; saves it with the library."""
+    """Distil the adapters' losses on (query, target) pairs into the router head; saves it with the library.
+
+    A held-out share of the pairs (``val_fraction``) keeps the head from drifting away from the keys:
+    the head is evaluated every ``eval_every`` steps by its *routed loss* on them (the loss of the
+    candidate it ranks first) and the best state is kept (step 0 is the untrained router); with
+    ``tau`` None each of ``tau_grid`` is tried; finally its scores are interpolated with the untrained
+    cosines, ``mix`` in ``mix_grid`` picked on the same held-out pairs. The verdict ``beats_keys``
+    (held-out routed loss below the keys' by more than ``min_gain``) is stored with the head, and
+    :func:`loramix.route.trained.default_strategy` uses the head by default only when it is True.
+    """
     cfg = cfg or RouterTrainConfig()
     t0 = time.perf_counter()
     queries, targets = list(queries), list(targets)
@@ -318,23 +344,82 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
     if router.index.ntotal < 2:
         raise TrainingError("the router learns to rank adapters: the library needs at least 2 with routing keys")
     qenc = _QueryEncoder(engine, queries, cfg.finetune_encoder)
-    cands = [[a for a, _ in row] for row in router.dense_search(qenc.frozen.numpy(), cfg.k, None)]
-    losses, scored = _grid(engine, queries, targets, cands,
-                           cfg.objective, cfg.max_len, cache=True)  # (N, K)
-    tau = cfg.target_tau
-    p = torch.from_numpy(target_distribution(losses, cfg.objective, tau))  # (N, K)
+    k = min(cfg.k, router.index.ntotal)
+    cands = [[a for a, _ in row] for row in router.dense_search(qenc.frozen.numpy(), k, None)]
+    losses, scored = _grid(engine, queries, targets, cands, cfg.objective, cfg.max_len, cache=True)  # (N, K)
+    # the candidate-alone loss drives the routed-loss check for both objectives
+    alone = losses if cfg.objective == "kl" else _grid(engine, queries, targets, cands, "kl", cfg.max_len, True)[0]
+    loss_t = torch.from_numpy(alone)  # (N, K)
     table = sorted({a for row in cands for a in row})
     key_ids, key_mat = engine.library.keys(table)
     keys = dict(zip(key_ids, np.asarray(key_mat, np.float32), strict=True))
+    key_t = torch.from_numpy(np.stack([keys[a] for a in table]))  # (n, d)
     row = {a: i for i, a in enumerate(table)}
     cand = torch.tensor([[row[a] for a in c] for c in cands])  # (N, K)
-    torch.manual_seed(cfg.seed)
-    head = RouterHead(torch.from_numpy(np.stack([keys[a] for a in table])), cfg.temperature, cfg.learn_temperature)
-    groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": cfg.lr}]
-    if qenc.model is not None:
-        groups.append({"params": list(qenc.model.parameters()), "lr": cfg.encoder_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     train_idx, val_idx = _split(len(queries), cfg.val_fraction, cfg.seed)
+    if len(val_idx) == 0:
+        val_idx = train_idx  # no held-out pairs asked for: the check runs on the training pairs
+    tv = torch.as_tensor(val_idx)
+    untrained_logits = torch.einsum("bd,bkd->bk", qenc.frozen[tv], key_t[cand[tv]])  # (V, K) cosines
+    keys_loss = _routed_loss(untrained_logits, loss_t[tv])
+    taus = [cfg.tau] if cfg.tau is not None else (list(cfg.tau_grid) if cfg.objective == "kl" else [cfg.target_tau])
+
+    def fit(tau: float) -> tuple[RouterHead, tuple[float, float], int, dict[str, Any]]:
+        p = torch.from_numpy(target_distribution(losses, cfg.objective, tau))  # (N, K)
+        torch.manual_seed(cfg.seed)
+        head = RouterHead(key_t, cfg.temperature, cfg.learn_temperature)
+        groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": cfg.lr}]
+        if qenc.model is not None:
+            groups.append({"params": list(qenc.model.parameters()), "lr": cfg.encoder_lr})
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        rng = np.random.default_rng(cfg.seed)
+
+        def val_loss() -> tuple[float, float]:
+            with torch.no_grad():
+                return _val_key(head(qenc(val_idx, grad=False), cand[tv]), loss_t[tv])
+
+        best = (val_loss(), 0, copy.deepcopy(head.state_dict()))
+        with _progress(progress, f"train router (tau {tau:g})") as bar:
+            task = bar.add_task("router", total=cfg.steps, loss="-")
+            for step in range(1, cfg.steps + 1):
+                b = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
+                logits = head(qenc(b, grad=True), cand[torch.as_tensor(b)])  # (B, K)
+                loss = F.kl_div(F.log_softmax(logits, dim=1), p[torch.as_tensor(b)], reduction="batchmean")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(task, advance=1, loss=f"{float(loss.detach()):.4f}")
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    v = val_loss()
+                    if v < best[0]:
+                        best = (v, step, copy.deepcopy(head.state_dict()))
+        head.load_state_dict(best[2])
+        return head, best[0], best[1], {"p": p}  # type: ignore[return-value]
+
+    fits = [(tau, *fit(tau)) for tau in taus]
+    tau, head, _, best_step, extra = min(fits, key=lambda f: (f[2], f[0]))
+    p = extra["p"]
+    with torch.no_grad():
+        temp = head.temperature
+        trained_val = head(qenc(val_idx, grad=False), cand[tv]) * temp  # (V, K) cosines
+    mix_keys = {m: _val_key((m * trained_val + (1 - m) * untrained_logits) / temp, loss_t[tv]) for m in cfg.mix_grid}
+    mix = min(mix_keys, key=lambda m: (mix_keys[m], m))  # ties: closer to the keys
+    mix_scores = {m: v[0] for m, v in mix_keys.items()}
+    routed = mix_scores[mix]
+    with torch.no_grad():  # paired per-pair gain of the chosen scores over the keys
+        lv = loss_t[tv]
+        chosen = (mix * trained_val + (1 - mix) * untrained_logits).argmax(dim=1, keepdim=True)  # (V, 1)
+        gain = lv.gather(1, untrained_logits.argmax(dim=1, keepdim=True)) - lv.gather(1, chosen)  # (V, 1)
+        g_mean = float(gain.mean())
+        g_se = float(gain.std() / len(gain) ** 0.5) if len(gain) > 1 else float("inf")
+    beats = bool(mix > 0 and g_mean > cfg.min_gain + 1e-9 and g_mean > cfg.verdict_z * g_se)
+    validation = {"n_val": int(len(val_idx)), "routed_loss_keys": keys_loss, "routed_loss_trained": routed,
+                  "gain": g_mean, "gain_se": g_se, "z": cfg.verdict_z,
+                  "mix": mix, "mix_losses": {str(m): v for m, v in mix_scores.items()}, "tau": tau,
+                  "tau_losses": {str(f[0]): f[2][0] for f in fits}, "best_step": best_step, "beats_keys": beats,
+                  "min_gain": cfg.min_gain,
+                  "rule": "beats_keys: on the held-out pairs the routed loss is lower than the keys' by more than "
+                          "min_gain and by more than z standard errors of the paired per-pair gain"}
     best = p.argmax(dim=1)  # (N,)
 
     def evaluate(idx: np.ndarray) -> tuple[float, float, float]:
@@ -348,42 +433,40 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
             p_best = logq.exp().gather(1, best[ix, None]).mean()
         return float(kl), float(agree), float(p_best)
 
-    val_before = evaluate(val_idx)
-    rng = np.random.default_rng(cfg.seed)
-    recent: list[float] = []
-    with _progress(progress, "train router") as bar:
-        task = bar.add_task("router", total=cfg.steps, loss="-")
-        for _ in range(cfg.steps):
-            b = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
-            logits = head(qenc(b, grad=True), cand[torch.as_tensor(b)])  # (B, K)
-            loss = F.kl_div(F.log_softmax(logits, dim=1), p[torch.as_tensor(b)], reduction="batchmean")  # KL(p || router)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            recent = [*recent[-9:], float(loss.detach())]
-            bar.update(task, advance=1, loss=f"{sum(recent) / len(recent):.4f}")
     train_m, val_m = evaluate(train_idx), evaluate(val_idx)
+    with torch.no_grad():
+        logq0 = F.log_softmax(untrained_logits / cfg.temperature, dim=1)
+        kl0 = float(F.kl_div(logq0, p[tv], reduction="batchmean"))
+        agree0 = float((logq0.argmax(dim=1) == best[tv]).float().mean())
+        pbest0 = float(logq0.exp().gather(1, best[tv, None]).mean())
     folder = router_dir(engine.library)
     if qenc.model is not None:
         qenc.model.eval()
         qenc.model.save(str(folder / ENCODER_DIR), safe_serialization=True)
     report = RouterReport(
         objective=cfg.objective, n_queries=len(queries), n_train=len(train_idx), n_val=len(val_idx), k=cand.shape[1],
-        tau=tau, steps=cfg.steps, train_kl=train_m[0], val_kl=val_m[0], val_kl_before=val_before[0],
-        train_agree=train_m[1], val_agree=val_m[1], val_agree_before=val_before[1], val_p_best=val_m[2],
-        val_p_best_before=val_before[2], temperature=float(head.temperature.detach()), rows_scored=scored,
-        rows_cached=losses.size - scored, seconds=time.perf_counter() - t0, path="")
-    config = {"objective": cfg.objective, "k": cfg.k, "tau": tau, "steps": cfg.steps, "lr": cfg.lr, "seed": cfg.seed,
+        tau=tau, steps=best_step, train_kl=train_m[0], val_kl=val_m[0], val_kl_before=kl0,
+        train_agree=train_m[1], val_agree=val_m[1], val_agree_before=agree0, val_p_best=val_m[2],
+        val_p_best_before=pbest0, temperature=float(head.temperature.detach()), rows_scored=scored,
+        rows_cached=losses.size - scored, seconds=time.perf_counter() - t0, path="", validation=validation)
+    config = {"objective": cfg.objective, "k": k, "tau": tau, "steps": cfg.steps, "best_step": best_step,
+              "lr": cfg.lr, "seed": cfg.seed, "mix": mix, "validation": validation,
               "encoder": router.encoder.name, "finetuned_encoder": cfg.finetune_encoder,
-              "base": str(engine.base_path()), "created": time.time(), "report": report.to_dict()}
+              "base": engine.base_path().name, "created": time.time(), "report": report.to_dict()}
     report.path = str(save_head(engine.library, head, table, config))
     return report
 
 
 def train_supervised_router(engine: Loramix, texts: Sequence[str], labels: Sequence[str],
                             cfg: RouterTrainConfig | None = None, progress: bool = True) -> SupervisedReport:
-    """Classifier head (encoder dim -> adapters) over the frozen encoder, trained with Gumbel-softmax on
-    texts labelled with the adapter (name or id) they belong to; saved as ``supervised.safetensors``."""
+    """Linear classifier (encoder dim -> adapters) over the frozen encoder, trained with cross-entropy on
+    texts labelled with the adapter (name or id) they belong to; saved as ``supervised.safetensors``.
+
+    It starts as the nearest-key router (weights = keys / temperature, zero bias; adapters without a
+    key start at zero), so step 0 is the untrained router. A held-out share (``val_fraction``) picks
+    the weight decay in :data:`SUPERVISED_GRID` and the step (early stopping on held-out accuracy,
+    then cross-entropy).
+    """
     cfg = cfg or RouterTrainConfig()
     t0 = time.perf_counter()
     if len(texts) != len(labels):
@@ -395,32 +478,57 @@ def train_supervised_router(engine: Loramix, texts: Sequence[str], labels: Seque
         raise TrainingError("the supervised router needs at least 4 texts labelled with at least 2 adapters")
     y = torch.tensor([classes.index(a) for a in ids])  # (N,)
     x = torch.from_numpy(engine.router.encoder.encode(list(texts)))  # (N, d)
-    torch.manual_seed(cfg.seed)
-    lin = torch.nn.Linear(x.shape[1], len(classes))
-    opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     train_idx, val_idx = _split(len(texts), cfg.val_fraction, cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
+    if len(val_idx) == 0:
+        val_idx = train_idx
+    key_ids, key_mat = lib.keys(classes)
+    init = torch.zeros(len(classes), x.shape[1])  # (C, d)
+    for a, kv in zip(key_ids, np.asarray(key_mat, np.float32), strict=True):
+        init[classes.index(a)] = torch.from_numpy(kv) / cfg.temperature
+    xt, yt, xv, yv = x[train_idx], y[train_idx], x[val_idx], y[val_idx]
+
+    def score(lin: torch.nn.Linear) -> tuple[float, float]:
+        with torch.no_grad():
+            lv = lin(xv)  # (V, C)
+            return float((lv.argmax(dim=1) == yv).float().mean()), float(F.cross_entropy(lv, yv))
+
+    best: tuple[float, float, int, float, dict[str, torch.Tensor]] | None = None
     with _progress(progress, "train supervised router") as bar:
-        task = bar.add_task("supervised", total=cfg.steps, loss="-")
-        for _ in range(cfg.steps):
-            b = torch.as_tensor(rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False))
-            soft = F.gumbel_softmax(lin(x[b]), tau=cfg.gumbel_tau, hard=False)  # (B, C)
-            loss = -torch.log(soft.gather(1, y[b, None]) + 1e-9).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            bar.update(task, advance=1, loss=f"{float(loss.detach()):.4f}")
+        task = bar.add_task("supervised", total=cfg.steps * len(SUPERVISED_GRID), loss="-")
+        for wd in SUPERVISED_GRID:
+            torch.manual_seed(cfg.seed)
+            lin = torch.nn.Linear(x.shape[1], len(classes))
+            with torch.no_grad():
+                lin.weight.copy_(init)
+                lin.bias.zero_()
+            opt = torch.optim.AdamW(lin.parameters(), lr=cfg.lr, weight_decay=wd)
+            rng = np.random.default_rng(cfg.seed)
+            for step in range(cfg.steps + 1):
+                if step % cfg.eval_every == 0 or step == cfg.steps:
+                    val_acc, ce = score(lin)
+                    if best is None or (val_acc, -ce) > (best[0], -best[1]):
+                        best = (val_acc, ce, step, wd, {k: v.detach().clone() for k, v in lin.state_dict().items()})
+                if step == cfg.steps:
+                    break
+                b = torch.as_tensor(rng.choice(len(train_idx), size=min(cfg.batch_size, len(train_idx)), replace=False))
+                loss = F.cross_entropy(lin(xt[b]), yt[b])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                bar.update(task, advance=1, loss=f"{float(loss.detach()):.4f}")
+    assert best is not None
+    lin = torch.nn.Linear(x.shape[1], len(classes))
+    lin.load_state_dict(best[4])
 
     def acc(idx: np.ndarray) -> float:
-        if len(idx) == 0:
-            return float("nan")
         with torch.no_grad():
             ix = torch.as_tensor(idx)
             return float((lin(x[ix]).argmax(dim=1) == y[ix]).float().mean())
 
     report = SupervisedReport(len(texts), len(train_idx), len(val_idx), len(classes), acc(train_idx), acc(val_idx),
-                              cfg.steps, time.perf_counter() - t0, "")
-    config = {"encoder": engine.router.encoder.name, "gumbel_tau": cfg.gumbel_tau, "steps": cfg.steps,
-              "created": time.time(), "report": report.to_dict()}
+                              best[2], time.perf_counter() - t0, "", weight_decay=best[3])
+    config = {"encoder": engine.router.encoder.name, "loss": "cross-entropy", "init": "keys / temperature",
+              "steps": best[2], "weight_decay": best[3], "lr": cfg.lr, "created": time.time(),
+              "report": report.to_dict()}
     report.path = str(save_supervised(lib, lin, classes, config))
     return report
