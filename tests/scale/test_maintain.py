@@ -166,3 +166,16 @@ def test_list_and_show_fast_on_many_rows(tmp_path):
         rec = lib.get("n123456")
         lib.examples(rec.id), lib.events(rec.id, limit=20), len(lib)
         assert time.perf_counter() - t < 1.0 and len(page) == 100
+
+
+def test_list_and_show_never_import_torch(dup_lib):
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom loramix.cli import app\n"
+            f"r = CliRunner().invoke(app, ['adapters', 'list', '--home', {str(dup_lib)!r}, '--json', '--limit', '5'])\n"
+            f"s = CliRunner().invoke(app, ['adapters', 'show', 'a7', '--home', {str(dup_lib)!r}, '--json'])\n"
+            "assert r.exit_code == 0 and s.exit_code == 0, (r.output, s.output)\n"
+            "print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
