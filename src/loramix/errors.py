@@ -13,6 +13,8 @@ one type. The tree::
     ├── RoutingError           the router can't answer (empty library, no key, bad filter)
     ├── MixError               the mixer can't apply a mixture (too many adapters for the slots, ...)
     ├── TrainingError          training data or a training run is unusable
+    ├── DocumentError          document collections (bad source, bad name, ...)
+    │   └── CollectionNotFound no collection with that name
     └── MergeError             adapters can't be merged (different targets for a method that needs equal ones, ...)
 
 Messages name the problem and what was expected, e.g.
@@ -63,6 +65,17 @@ class MixError(LoramixError):
 
 class TrainingError(LoramixError):
     """Training data or a training run is unusable."""
+
+
+class DocumentError(LoramixError):
+    """A problem with document collections."""
+
+
+class CollectionNotFound(DocumentError, KeyError):
+    """No collection has that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "collection not found"
 
 
 class MergeError(LoramixError):
