@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 from loramix.base import BaseModel, base_linear_shapes, load_base, maybe_autocast, resolve_base_path
-from loramix.config import GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig, home_dir
+from loramix.config import DocsConfig, GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig, home_dir
 from loramix.errors import ConfigError
 from loramix.lora import LoraWeights
 from loramix.store import AdapterRecord, Library
 
 if TYPE_CHECKING:  # keeps start-up light
+    from loramix.documents import CollectionRecord, DocStore, Passage, PrefixKVCache, Retriever
     from loramix.mix import MixedModel
     from loramix.route import Route, Router
 
@@ -70,6 +71,9 @@ class Loramix:
         self._router: Router | None = None
         self._base: BaseModel | None = None
         self._mixer: MixedModel | None = None
+        self._docs: DocStore | None = None
+        self._retriever: Retriever | None = None
+        self._kv: PrefixKVCache | None = None
         self._lock = threading.RLock()  # one forward pass at a time through the shared mixer
 
     # --- lazily built parts -------------------------------------------------------------------
@@ -105,6 +109,32 @@ class Loramix:
 
             self._mixer = MixedModel(self.base, self.library.load, self.mix_cfg)
         return self._mixer
+
+    @property
+    def docs(self) -> DocStore:
+        """The document collections of this home (``home/docs.sqlite``)."""
+        if self._docs is None:
+            from loramix.documents import DocStore
+
+            self._docs = DocStore(self.home)
+        return self._docs
+
+    @property
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            from loramix.documents import Retriever
+
+            self._retriever = Retriever(self.docs)
+        return self._retriever
+
+    @property
+    def kv_cache(self) -> PrefixKVCache:
+        """Prefill of recurring passage prefixes (see loramix.documents.kvcache)."""
+        if self._kv is None:
+            from loramix.documents import PrefixKVCache
+
+            self._kv = PrefixKVCache()
+        return self._kv
 
     def base_path(self) -> Path:
         return resolve_base_path(self._base_arg)
@@ -144,6 +174,47 @@ class Loramix:
         return self.add_weights(merged, new_name, description=desc, domain_tags=tags, examples=examples or None,
                                 meta={"merged_from": [r.name for r in recs], "weights": list(weights), "method": method})
 
+    # --- documents ----------------------------------------------------------------------------
+    def add_docs(self, name: str, source: str | None = None, texts: Sequence[str] | None = None,
+                 keys: Sequence[str] | None = None, tags: Sequence[str] = (), cfg: DocsConfig | None = None,
+                 limit: int | None = None) -> CollectionRecord:
+        """Add a collection from a ``source`` (file or corpus, as ``--data``) or from ``texts``."""
+        from loramix.documents import read_source
+
+        cfg = cfg or DocsConfig()
+        if (source is None) == (texts is None):
+            raise ConfigError("give exactly one of source or texts")
+        if source is not None:
+            texts, keys = read_source(source, limit)
+        return self.docs.add(name, list(texts or []), self.retriever.encoder, keys=keys, tags=tags,
+                             source=source or "", chunk_words=cfg.chunk_words, chunk_overlap=cfg.chunk_overlap)
+
+    def remove_docs(self, name: str) -> CollectionRecord:
+        return self.docs.remove(name)
+
+    def retrieve(self, query: str, docs: DocsConfig, adapters: Sequence[tuple[str, float]] | None = None,
+                 route: RouteConfig | None = None) -> list[Passage]:
+        """Passages for a query (the mixture matters only to the LM reranker and to ``auto`` collections)."""
+        from loramix.rag import retrieve
+
+        mixture, _, _ = self._mixture_for(query, adapters, route)
+        return retrieve(self, query, docs, mixture)
+
+    def ask_batch(self, prompts: Sequence[str], docs: DocsConfig, route: RouteConfig | None = None,
+                  gen: GenerateConfig | None = None) -> list[Answer]:
+        """Greedy answers for many prompts in one batch, each row with its own passages and mixture."""
+        from loramix.rag import ask_docs_batch
+
+        return ask_docs_batch(self, prompts, route, gen or GenerateConfig(), docs)
+
+    def stats(self) -> dict[str, Any]:
+        """Cache counters: retrieval cache, passage KV prefix cache, adapter slots."""
+        out: dict[str, Any] = {"kv_prefix_cache": self.kv_cache.stats()}
+        out.update(self.retriever.stats())
+        if self._mixer is not None:
+            out["adapter_slots"] = self._mixer.stats()
+        return out
+
     # --- routing ------------------------------------------------------------------------------
     def route(self, query: str, cfg: RouteConfig | None = None) -> Route:
         return self.router.route(query, cfg or RouteConfig())
@@ -164,9 +235,19 @@ class Loramix:
 
     # --- scoring ------------------------------------------------------------------------------
     def score(self, text: str, adapters: Sequence[tuple[str, float]] | None = None,
-              route: RouteConfig | None = None) -> dict[str, Any]:
-        """Mean token NLL of ``text`` under a given mixture, a routed one, or the base model."""
+              route: RouteConfig | None = None, docs: DocsConfig | None = None,
+              prompt: str | None = None) -> dict[str, Any]:
+        """Mean token NLL of ``text`` under a given mixture, a routed one, or the base model.
+
+        With ``docs``, after retrieved passages (query: ``prompt``, of which ``text`` is the continuation,
+        else ``text``); see loramix.rag.score_docs.
+        """
         from loramix.evaluate.score import score_texts
+
+        if docs is not None and docs.collections:
+            from loramix.rag import score_docs
+
+            return score_docs(self, text, adapters, route, docs, prompt)
 
         mixture, shown, _ = self._mixture_for(text, adapters, route)
         with self._lock:
@@ -185,14 +266,19 @@ class Loramix:
 
     def ask(self, prompt: str, adapters: Sequence[tuple[str, float]] | None = None, route: RouteConfig | None = None,
             gen: GenerateConfig | None = None, on_text: Callable[[str], None] | None = None,
-            refine: RefineConfig | None = None) -> Answer:
+            refine: RefineConfig | None = None, docs: DocsConfig | None = None) -> Answer:
         """Route (or take the given mixture), mix and generate; ``on_text`` receives the text as it streams.
 
         With ``refine`` enabled, a routed mixture that looks poor is replaced first (see loramix.refine).
+        With ``docs``, retrieved passages go into the prompt and the answer lists them (loramix.rag).
         """
         from transformers import TextStreamer
 
         gen = gen or GenerateConfig()
+        if docs is not None and docs.collections:
+            from loramix.rag import ask_docs
+
+            return ask_docs(self, prompt, adapters, route, gen, docs, on_text)
         mixture, shown, route_ms = self._mixture_for(prompt, adapters, route if adapters is None else None)
         tok = self.base.tokenizer
         ids = self.chat_ids(prompt)
@@ -243,5 +329,6 @@ class Loramix:
         rec = self.add_weights(weights, name, description=description, domain_tags=list(domain_tags),
                                skill_tags=list(skill_tags), examples=examples,
                                meta={"source": source, "train": {k: v for k, v in report.to_dict().items()
-                                                                 if k != "losses"}})
+                                                                 if k != "losses"},
+                                     **({"docs": list(docs.collections)} if docs and docs.collections else {})})
         return rec, report.to_dict()

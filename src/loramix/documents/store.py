@@ -158,10 +158,13 @@ class DocStore:
                 self._conn.execute("INSERT INTO state (k, v) VALUES ('generation', 1) "
                                    "ON CONFLICT(k) DO UPDATE SET v = v + 1")
                 self._conn.execute("COMMIT")
-            except BaseException:
+            except BaseException as e:
                 if self._conn.in_transaction:
                     with contextlib.suppress(sqlite3.Error):
                         self._conn.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise DocumentError(f"writing to the document store {self.db_path} failed ({e}); "
+                                        "nothing was changed") from e
                 raise
 
     def _read(self, sql: str, params: Sequence[Any] = ()) -> list[sqlite3.Row]:
