@@ -315,14 +315,23 @@ class Loramix:
     # --- training -----------------------------------------------------------------------------
     def train_adapter(self, name: str, texts: Sequence[str], cfg: TrainConfig | None = None, description: str = "",
                       domain_tags: Sequence[str] = (), skill_tags: Sequence[str] = (), source: str = "",
-                      progress: bool = True) -> tuple[AdapterRecord, dict[str, Any]]:
-        """Train an expert on ``texts`` and add it, keyed by its training examples."""
+                      progress: bool = True, docs: DocsConfig | None = None) -> tuple[AdapterRecord, dict[str, Any]]:
+        """Train an expert on ``texts`` and add it, keyed by its training examples.
+
+        With ``docs``: a retrieval-aware expert, trained on passages + each text's opening with the
+        loss on the rest of the text (loramix.rag.aware_pairs).
+        """
         from loramix.train.expert import train_expert
 
         if name in self.library:
             raise ConfigError(f"an adapter named {name!r} already exists; remove it or pick another name")
         cfg = cfg or TrainConfig()
-        weights, report = train_expert(str(self.base_path()), texts, cfg, progress=progress, description=name)
+        if docs is not None and docs.collections:
+            from loramix.rag import train_aware
+
+            weights, report = train_aware(self, texts, cfg, docs, progress, name)
+        else:
+            weights, report = train_expert(str(self.base_path()), texts, cfg, progress=progress, description=name)
         rng = np.random.default_rng(cfg.seed)
         pick = rng.choice(len(texts), size=min(256, len(texts)), replace=False)
         examples = [texts[int(i)][:1000] for i in pick]

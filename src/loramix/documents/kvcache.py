@@ -76,7 +76,8 @@ class PrefixKVCache:
         with self._lock:
             for b in new:
                 entry = copy.deepcopy(cache)
-                entry.crop(b)
+                if b < entry.get_seq_length():
+                    entry.crop(b - entry.get_seq_length())  # a negative count: drop tokens after b
                 self._entries[(scope, tuple(ids[:b]))] = entry
                 while len(self._entries) > self.max_entries:
                     self._entries.popitem(last=False)
