@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from loramix.base import BaseModel, base_linear_shapes, load_base, maybe_autocast, resolve_base_path
-from loramix.config import DocsConfig, GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig, home_dir
+from loramix.config import (
+    DocsConfig,
+    GenerateConfig,
+    MixConfig,
+    RefineConfig,
+    RouteConfig,
+    TrainConfig,
+    home_dir,
+)
 from loramix.errors import ConfigError
 from loramix.lora import LoraWeights
 from loramix.store import AdapterRecord, Library

@@ -184,15 +184,18 @@ def is_own(passage: str, text: str) -> bool:
 
 
 def aware_pairs(eng: Loramix, texts: Sequence[str], docs: DocsConfig, query_fraction: float = 0.4,
-                max_words: int = 128) -> list[tuple[list[int], list[int]]]:
+                max_words: int = 128, keys: Sequence[str] | None = None) -> list[tuple[list[int], list[int]]]:
     """Training pairs for a retrieval-aware adapter: (passages + the text's first words, the rest).
 
     Passages are retrieved with the text's opening (as at scoring time), without the reranker, and
-    never from the text itself (a collection often holds its own training texts).
+    never from the text itself (a collection often holds its own training texts); with ``keys``
+    (one per text), never from a document with the text's key either (e.g. other senses of its headword).
     """
     from loramix.train.router import split_texts
 
-    texts = [t for t in texts if len(t.split()) >= 2]
+    keep = [i for i, t in enumerate(texts) if len(t.split()) >= 2]
+    texts = [texts[i] for i in keep]
+    own_keys = [keys[i].lower() for i in keep] if keys is not None else [None] * len(texts)
     queries, targets = split_texts(list(texts), query_fraction, max_words)
     if not queries:
         raise TrainingError("no training text has 2 or more words")
@@ -202,16 +205,19 @@ def aware_pairs(eng: Loramix, texts: Sequence[str], docs: DocsConfig, query_frac
     wide = DocsConfig(**{**docs.__dict__, "rerank": False})
     tok = eng.base.tokenizer
     pairs = []
-    for q, t, v, full in zip(queries, targets, qvecs, texts, strict=True):
-        ranked = [p for p in ret.rank(q, cols, wide, qvec=np.asarray(v)) if not is_own(p.text, full)]
+    for q, t, v, full, key in zip(queries, targets, qvecs, texts, own_keys, strict=True):
+        ranked = [p for p in ret.rank(q, cols, wide, qvec=np.asarray(v))
+                  if not is_own(p.text, full) and p.key.lower() != key]
         pp = passage_prompt(tok, q, ranked[: docs.passages], docs.budget, chat=False)
         pairs.append((pp.ids, tok(t, add_special_tokens=False)["input_ids"]))
     return pairs
 
 
 def train_aware(eng: Loramix, texts: Sequence[str], cfg: TrainConfig, docs: DocsConfig, progress: bool,
-                description: str) -> tuple[Any, Any]:
+                description: str, keys: Sequence[str] | None = None) -> tuple[Any, Any]:
+    """A retrieval-aware expert: trained on :func:`aware_pairs` (loss on the text only)."""
     from loramix.train.expert import train_expert
 
-    pairs = aware_pairs(eng, texts, docs)
-    return train_expert(str(eng.base_path()), [], cfg, progress=progress, description=description, pairs=pairs)
+    pairs = aware_pairs(eng, texts, docs, keys=keys)
+    return train_expert(str(eng.base_path()), [], cfg, progress=progress, description=description, pairs=pairs,
+                        pair_max_len=docs.budget + 256)
