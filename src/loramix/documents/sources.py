@@ -17,7 +17,8 @@ def read_source(spec: str, limit: int | None = None) -> tuple[list[str], list[st
     try:
         path = Path(spec).expanduser()
         if path.is_file() and path.suffix in (".jsonl", ".ndjson"):
-            texts, keys = [], []
+            texts: list[str] = []
+            keys: list[str] = []
             for row, text in corpora.jsonl_rows(path):
                 if text.strip():
                     key = next((str(row[f]) for f in KEY_FIELDS if f in row), str(len(texts)))

@@ -9,6 +9,7 @@ The faiss index over chunk vectors is a cache of this table, kept by :class:`lor
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import re
@@ -251,15 +252,15 @@ class DocStore:
         return self.get(rec.id)
 
     # --- chunks --------------------------------------------------------------------------------
-    def chunk_ids(self, collection_ids: Iterable[str] | None = None) -> list[str]:
+    def chunk_ids(self, collection_ids: Iterable[str] | None = None) -> builtins.list[str]:
         if collection_ids is None:
             return [r["id"] for r in self._read("SELECT id FROM chunks")]
-        out: list[str] = []
+        out: builtins.list[str] = []
         for cid in collection_ids:
             out.extend(r["id"] for r in self._read("SELECT id FROM chunks WHERE collection_id = ?", (cid,)))
         return out
 
-    def chunks(self, ids: Sequence[str] | None = None, collection: str | None = None) -> list[Chunk]:
+    def chunks(self, ids: Sequence[str] | None = None, collection: str | None = None) -> builtins.list[Chunk]:
         """Chunks by id (in that order; unknown ids skipped), or all of one collection in order."""
         sql = ("SELECT k.id, c.name, k.doc, k.seq, k.key, k.text FROM chunks k "
                "JOIN collections c ON c.id = k.collection_id")
@@ -274,11 +275,11 @@ class DocStore:
                 found[r[0]] = Chunk(*r)
         return [found[i] for i in ids if i in found]
 
-    def keys(self, ids: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    def keys(self, ids: Sequence[str] | None = None) -> tuple[builtins.list[str], np.ndarray]:
         """(chunk ids, (n, d) float32 vectors): the interface :class:`KeyIndex.sync` reads."""
         ids = list(ids) if ids is not None else self.chunk_ids()
-        out_ids: list[str] = []
-        vecs: list[bytes] = []
+        out_ids: builtins.list[str] = []
+        vecs: builtins.list[bytes] = []
         dim = 0
         for i in range(0, len(ids), _CHUNK):
             part = ids[i:i + _CHUNK]
