@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from loramix.cli_docs import docs_app
 from loramix.config import DocsConfig, GenerateConfig, MixConfig, RefineConfig, RouteConfig, TrainConfig
 from loramix.errors import LoramixError
 
@@ -20,6 +21,7 @@ adapters_app = typer.Typer(no_args_is_help=True, help="Manage the adapter librar
 train_app = typer.Typer(no_args_is_help=True, help="Train expert adapters and the router.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(train_app, name="train")
+app.add_typer(docs_app, name="docs")
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
 
@@ -398,11 +400,6 @@ def quickstart(home: Home = None, base: Base = None,
     res = run_quickstart(home=home, base=base, steps=steps, quiet=as_json)
     if as_json:
         _print_json(res)
-
-
-from loramix.cli_docs import docs_app  # noqa: E402  (it reads this module's options)
-
-app.add_typer(docs_app, name="docs")
 
 
 def main() -> None:

@@ -1,13 +1,39 @@
-"""``loramix docs``: document collections for retrieval-augmented answers."""
+"""``loramix docs``: document collections for retrieval-augmented answers (registered by loramix.cli)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
-from loramix.cli import _D, Home, Json, _csv, _engine, _print_json, console, out
+from loramix.config import DocsConfig
+
+if TYPE_CHECKING:
+    from loramix.app import Loramix
+
+console = Console(stderr=True)
+out = Console(highlight=False, soft_wrap=True)
+Home = Annotated[Path | None, typer.Option("--home", envvar="LORAMIX_HOME", help="Library folder (default ~/.loramix).")]
+Json = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+_D = DocsConfig()
+
+
+def _engine(home: Path | None) -> Loramix:
+    from loramix.app import Loramix
+
+    return Loramix(home=home)
+
+
+def _csv(s: str) -> list[str]:
+    return [t.strip() for t in s.split(",") if t.strip()]
+
+
+def _print_json(obj: Any) -> None:
+    out.print(json.dumps(obj, default=str), markup=False, highlight=False)
 
 docs_app = typer.Typer(no_args_is_help=True, help="Document collections: passages for ask/score/train --docs.")
 
@@ -21,8 +47,6 @@ def docs_add(source: Annotated[str, typer.Argument(help="A .txt or .jsonl file, 
              limit: Annotated[int | None, typer.Option("--limit", help="Read at most this many documents.")] = None,
              home: Home = None, as_json: Json = False) -> None:
     """Chunk, embed and store a source as a new collection (all of it or nothing)."""
-    from loramix.config import DocsConfig
-
     cfg = DocsConfig(chunk_words=chunk_words, chunk_overlap=overlap)
     rec = _engine(home).add_docs(collection, source=source, tags=_csv(tags), cfg=cfg, limit=limit)
     if as_json:
@@ -72,8 +96,6 @@ def docs_search(query: str, docs: Annotated[str, typer.Option("--docs", help="Co
                 fusion: Annotated[str, typer.Option("--fusion", help="rrf | dense | bm25.")] = _D.fusion,
                 home: Home = None, as_json: Json = False) -> None:
     """Retrieve passages for a query (no language model involved)."""
-    from loramix.config import DocsConfig
-
     got = _engine(home).retrieve(query, DocsConfig(collections=_csv(docs), passages=passages, fusion=fusion))
     if as_json:
         _print_json([p.to_dict(with_text=True) for p in got])
