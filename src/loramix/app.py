@@ -21,6 +21,7 @@ import torch
 from loramix.base import BaseModel, base_linear_shapes, load_base, maybe_autocast, resolve_base_path
 from loramix.config import (
     MAX_WEIGHT,
+    DocsConfig,
     GenerateConfig,
     MixConfig,
     RefineConfig,
@@ -37,6 +38,7 @@ from loramix.store.peft_io import check_folder
 from loramix.store.records import check_name
 
 if TYPE_CHECKING:  # keeps start-up light
+    from loramix.documents import CollectionRecord, DocStore, Passage, PrefixKVCache, Retriever
     from loramix.mix import MixedModel
     from loramix.route import Route, Router
     from loramix.store.tiers import AdapterCache
@@ -108,6 +110,9 @@ class Loramix:
         self._base: BaseModel | None = None
         self._mixer: MixedModel | None = None
         self._tier: AdapterCache | None = None
+        self._docs: DocStore | None = None
+        self._retriever: Retriever | None = None
+        self._kv: PrefixKVCache | None = None
         self._lock = threading.RLock()  # one forward pass at a time through the shared mixer
         self.extra_weights: dict[str, LoraWeights] = {}  # in-memory adapters (not in the library), by id
 
@@ -166,7 +171,8 @@ class Loramix:
         return w if w is not None else self.tier(adapter_id)
 
     def stats(self) -> dict[str, Any]:
-        """Live counters: slots (mixer), the in-memory adapter tier, the routing cache."""
+        """Live counters of the parts built so far: slots (mixer), the in-memory adapter tier, the routing
+        cache, the retrieval cache and the passage KV prefix cache."""
         out: dict[str, Any] = {"time": time.time()}
         if self._mixer is not None:
             out["slots"] = self._mixer.stats() | {"loaded_ids": len(self._mixer.loaded)}
@@ -174,6 +180,10 @@ class Loramix:
             out["memory_tier"] = self._tier.stats()
         if self._router is not None:
             out["route_cache"] = self._router.cache.stats()
+        if self._kv is not None:
+            out["kv_prefix_cache"] = self._kv.stats()
+        if self._retriever is not None:
+            out.update(self._retriever.stats())
         return out
 
     def write_stats(self) -> Path:
@@ -183,6 +193,32 @@ class Loramix:
         tmp.write_text(json.dumps(self.stats(), default=str))
         tmp.replace(path)
         return path
+
+    @property
+    def docs(self) -> DocStore:
+        """The document collections of this home (``home/docs.sqlite``)."""
+        if self._docs is None:
+            from loramix.documents import DocStore
+
+            self._docs = DocStore(self.home)
+        return self._docs
+
+    @property
+    def retriever(self) -> Retriever:
+        if self._retriever is None:
+            from loramix.documents import Retriever
+
+            self._retriever = Retriever(self.docs)
+        return self._retriever
+
+    @property
+    def kv_cache(self) -> PrefixKVCache:
+        """Prefill of recurring passage prefixes (see loramix.documents.kvcache)."""
+        if self._kv is None:
+            from loramix.documents import PrefixKVCache
+
+            self._kv = PrefixKVCache()
+        return self._kv
 
     def base_path(self) -> Path:
         return resolve_base_path(self._base_arg)
@@ -234,6 +270,39 @@ class Loramix:
         return self.add_weights(merged, new_name, description=desc, domain_tags=tags, examples=examples or None,
                                 meta={"merged_from": [r.name for r in recs], "weights": list(weights), "method": method})
 
+    # --- documents ----------------------------------------------------------------------------
+    def add_docs(self, name: str, source: str | None = None, texts: Sequence[str] | None = None,
+                 keys: Sequence[str] | None = None, tags: Sequence[str] = (), cfg: DocsConfig | None = None,
+                 limit: int | None = None) -> CollectionRecord:
+        """Add a collection from a ``source`` (file or corpus, as ``--data``) or from ``texts``."""
+        from loramix.documents import read_source
+
+        cfg = cfg or DocsConfig()
+        if (source is None) == (texts is None):
+            raise ConfigError("give exactly one of source or texts")
+        if source is not None:
+            texts, keys = read_source(source, limit)
+        return self.docs.add(name, list(texts or []), self.retriever.encoder, keys=keys, tags=tags,
+                             source=source or "", chunk_words=cfg.chunk_words, chunk_overlap=cfg.chunk_overlap)
+
+    def remove_docs(self, name: str) -> CollectionRecord:
+        return self.docs.remove(name)
+
+    def retrieve(self, query: str, docs: DocsConfig, adapters: Sequence[tuple[str, float]] | None = None,
+                 route: RouteConfig | None = None) -> list[Passage]:
+        """Passages for a query (the mixture matters only to the LM reranker and to ``auto`` collections)."""
+        from loramix.rag import retrieve
+
+        mixture, _, _ = self._mixture_for(query, adapters, route)
+        return retrieve(self, query, docs, mixture)
+
+    def ask_batch(self, prompts: Sequence[str], docs: DocsConfig, route: RouteConfig | None = None,
+                  gen: GenerateConfig | None = None) -> list[Answer]:
+        """Greedy answers for many prompts in one batch, each row with its own passages and mixture."""
+        from loramix.rag import ask_docs_batch
+
+        return ask_docs_batch(self, prompts, route, gen or GenerateConfig(), docs)
+
     # --- routing ------------------------------------------------------------------------------
     def route(self, query: str, cfg: RouteConfig | None = None, tenant: str | None = None) -> Route:
         """The route among the adapters ``tenant`` may see (None: all of them)."""
@@ -258,13 +327,21 @@ class Loramix:
 
     # --- scoring ------------------------------------------------------------------------------
     def score(self, text: str, adapters: Sequence[tuple[str, float]] | None = None,
-              route: RouteConfig | None = None, cfg: ScoreConfig | None = None) -> dict[str, Any]:
+              route: RouteConfig | None = None, cfg: ScoreConfig | None = None, docs: DocsConfig | None = None,
+              prompt: str | None = None) -> dict[str, Any]:
         """Mean token NLL of ``text`` under a given mixture, a routed one, or the base model.
 
         Refused (ConfigError): a blank text, one with fewer than 2 tokens (the first token is only
         context, so nothing would be scored), and one over ``cfg.max_tokens`` tokens.
+        With ``docs``, after retrieved passages (query: ``prompt``, of which ``text`` is the continuation,
+        else ``text``); see loramix.rag.score_docs.
         """
         cfg = cfg or ScoreConfig()
+        if docs is not None and docs.collections:
+            from loramix.rag import score_docs
+
+            self._check_score_text(text, cfg)
+            return score_docs(self, text, adapters, route, docs, prompt)
         self._check_score_text(text, cfg)
         mixture, shown, _ = self._mixture_for(text, adapters, route)
         return {**self.score_mixture(text, mixture, cfg), "adapters": shown}
@@ -311,14 +388,19 @@ class Loramix:
 
     def ask(self, prompt: str, adapters: Sequence[tuple[str, float]] | None = None, route: RouteConfig | None = None,
             gen: GenerateConfig | None = None, on_text: Callable[[str], None] | None = None,
-            refine: RefineConfig | None = None) -> Answer:
+            refine: RefineConfig | None = None, docs: DocsConfig | None = None) -> Answer:
         """Route (or take the given mixture), mix and generate; ``on_text`` receives the text as it streams.
 
         With ``refine`` enabled, a routed mixture that looks poor is replaced first (see loramix.refine).
+        With ``docs``, retrieved passages go into the prompt and the answer lists them (loramix.rag).
         """
         from transformers import TextStreamer
 
         gen = gen or GenerateConfig()
+        if docs is not None and docs.collections:
+            from loramix.rag import ask_docs
+
+            return ask_docs(self, prompt, adapters, route, gen, docs, on_text)
         mixture, shown, route_ms = self._mixture_for(prompt, adapters, route if adapters is None else None)
         tok = self.base.tokenizer
         ids = self.chat_ids(prompt)
@@ -355,8 +437,12 @@ class Loramix:
     # --- training -----------------------------------------------------------------------------
     def train_adapter(self, name: str, texts: Sequence[str], cfg: TrainConfig | None = None, description: str = "",
                       domain_tags: Sequence[str] = (), skill_tags: Sequence[str] = (), source: str = "",
-                      progress: bool = True) -> tuple[AdapterRecord, dict[str, Any]]:
-        """Train an expert on ``texts`` and add it, keyed by its training examples."""
+                      progress: bool = True, docs: DocsConfig | None = None) -> tuple[AdapterRecord, dict[str, Any]]:
+        """Train an expert on ``texts`` and add it, keyed by its training examples.
+
+        With ``docs``: a retrieval-aware expert, trained on passages + each text's opening with the
+        loss on the rest of the text (loramix.rag.aware_pairs).
+        """
         from loramix.train.expert import train_expert
 
         if name in self.library:
@@ -368,6 +454,10 @@ class Loramix:
 
             weights, report, _ = train_nano(str(self.base_path()), texts, cfg, bases=self.library.bases,
                                             progress=progress, description=name)
+        elif docs is not None and docs.collections:
+            from loramix.rag import train_aware
+
+            weights, report = train_aware(self, texts, cfg, docs, progress, name)
         else:
             weights, report = train_expert(str(self.base_path()), texts, cfg, progress=progress, description=name)
         rng = np.random.default_rng(cfg.seed)
@@ -376,5 +466,6 @@ class Loramix:
         rec = self.add_weights(weights, name, description=description, domain_tags=list(domain_tags),
                                skill_tags=list(skill_tags), examples=examples,
                                meta={"source": source, "train": {k: v for k, v in report.to_dict().items()
-                                                                 if k != "losses"}})
+                                                                 if k != "losses"},
+                                     **({"docs": list(docs.collections)} if docs and docs.collections else {})})
         return rec, report.to_dict()

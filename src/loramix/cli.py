@@ -14,7 +14,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from loramix.cli_docs import docs_app
 from loramix.config import (
+    DocsConfig,
     GenerateConfig,
     MixConfig,
     RefineConfig,
@@ -32,6 +34,7 @@ adapters_app = typer.Typer(no_args_is_help=True, help="Manage the adapter librar
 train_app = typer.Typer(no_args_is_help=True, help="Train expert adapters and the router.")
 app.add_typer(adapters_app, name="adapters")
 app.add_typer(train_app, name="train")
+app.add_typer(docs_app, name="docs")
 console = Console(stderr=True, soft_wrap=True)  # soft_wrap: no hard line breaks at 80 columns when piped
 out = Console(highlight=False, soft_wrap=True)
 
@@ -43,10 +46,19 @@ Strategy = Annotated[str | None, typer.Option("--strategy", help="semantic | tag
 Temp = Annotated[float, typer.Option("--route-temperature", help="Softmax temperature for mixture weights.")]
 Tags = Annotated[str, typer.Option("--tags", help="Only adapters with all these comma-separated tags.")]
 Bf16 = Annotated[bool, typer.Option("--bf16/--fp32", help="bf16 autocast (often slower on CPU).")]
+Docs = Annotated[str | None, typer.Option("--docs", help="Document collections for passages: names, tag:NAME or auto (comma-separated).")]
+Passages = Annotated[int, typer.Option("--passages", help="Retrieved passages placed in the prompt.")]
+Rerank = Annotated[bool, typer.Option("--rerank/--no-rerank", help="Re-order passages by the LM's loss of the query given each (slower).")]
+Budget = Annotated[int, typer.Option("--budget", help="Most tokens of passages in the prompt.")]
 
 _R, _G, _T, _M = RouteConfig(), GenerateConfig(), TrainConfig(), MixConfig()
 _RF, _S = RefineConfig(), ScoreConfig()
 InputFile = Annotated[Path | None, typer.Option("--file", help="Read the text from this file ('-': standard input).")]
+_D = DocsConfig()
+
+
+def _docs_cfg(docs: str | None, passages: int, rerank: bool = False, budget: int = _D.budget) -> DocsConfig | None:
+    return DocsConfig(collections=_csv(docs), passages=passages, rerank=rerank, budget=budget) if docs else None
 
 
 def _engine(home: Path | None, base: str | None = None, bf16: bool = False):
@@ -295,18 +307,24 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
           adapters: Annotated[str | None, typer.Option("--adapters", help="Forced mixture 'name:w,name:w'.")] = None,
           do_route: Annotated[bool, typer.Option("--route", help="Route the text to pick the mixture.")] = False,
           k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature, tags: Tags = "",
+          docs: Docs = None, passages: Passages = _D.passages, rerank: Rerank = False,
+          prompt: Annotated[str | None, typer.Option("--prompt", help="With --docs: the query; the text is scored as its continuation.")] = None,
           home: Home = None, base: Base = None, as_json: Json = False) -> None:
-    """Mean token negative log-likelihood of a text (float32) under a mixture, a route, or the base model."""
+    """Mean token negative log-likelihood of a text (float32) under a mixture, a route, or the base model.
+
+    With --docs, retrieved passages precede the text as plain context and are listed."""
     from loramix.app import parse_mixture
 
     body = _one_of(text, file, "the text to score", "--text or --file")
     mix = parse_mixture(adapters) if adapters else None
     rcfg = _route_cfg(k, strategy, temperature, tags, home) if do_route and not mix else None
-    res = _engine(home, base).score(body, adapters=mix, route=rcfg)
+    res = _engine(home, base).score(body, adapters=mix, route=rcfg, docs=_docs_cfg(docs, passages, rerank),
+                                    prompt=prompt)
     if as_json:
         _print_json(res)
     else:
         _show_route(res["adapters"])
+        _show_passages(res.get("passages"))
         out.print(f"loss {res['loss']:.4f} over {res['tokens']} tokens")
 
 
@@ -320,8 +338,11 @@ def ask(prompt: str, adapters: Annotated[str | None, typer.Option("--adapters", 
         max_prompt_loss: Annotated[float | None, typer.Option("--max-prompt-loss", help="Refine above this prompt NLL (nats/token).")] = _RF.max_prompt_loss,
         max_entropy: Annotated[float | None, typer.Option("--max-entropy", help="Refine above this mean entropy of the first tokens (nats).")] = _RF.max_entropy,
         refine_action: Annotated[str, typer.Option("--refine-action", help="widen | drop | base | auto.")] = _RF.action,
+        docs: Docs = None, passages: Passages = _D.passages, rerank: Rerank = False, budget: Budget = _D.budget,
         home: Home = None, base: Base = None, bf16: Bf16 = False, as_json: Json = False) -> None:
-    """Route the prompt, mix the chosen adapters and generate an answer (streamed)."""
+    """Route the prompt, mix the chosen adapters and generate an answer (streamed).
+
+    With --docs, retrieved passages go into the prompt and are listed after the answer."""
     from loramix.app import parse_mixture
 
     eng = _engine(home, base, bf16)
@@ -338,12 +359,18 @@ def ask(prompt: str, adapters: Annotated[str | None, typer.Option("--adapters", 
 
     rf = RefineConfig(enabled=refine, max_prompt_loss=max_prompt_loss, max_entropy=max_entropy, action=refine_action)
     ans = eng.ask(prompt, adapters=mix, route=rcfg, gen=GenerateConfig(max_new_tokens, temperature),
-                  on_text=None if as_json else stream, refine=rf)
+                  on_text=None if as_json else stream, refine=rf, docs=_docs_cfg(docs, passages, rerank, budget))
     if as_json:
         _print_json(ans.to_dict())
     else:
         sys.stdout.write("\n")
         _show_refine(ans.info.get("refine"))
+        _show_passages(ans.info.get("passages"))
+
+
+def _show_passages(passages: list[dict[str, Any]] | None) -> None:
+    for i, p in enumerate(passages or [], 1):
+        console.print(f"[dim][{i}] {p['collection']}:{p['key']} ({p['id']}) score {p['score']:.4f}[/]")
 
 
 def _show_refine(info: dict[str, Any] | None) -> None:
@@ -371,15 +398,20 @@ def train_adapter(name: Annotated[str, typer.Option("--name")],
                   batch_size: Annotated[int, typer.Option("--batch-size")] = _T.batch_size,
                   seq_len: Annotated[int, typer.Option("--seq-len")] = _T.seq_len,
                   max_examples: Annotated[int, typer.Option("--max-examples")] = _T.max_examples,
+                  docs: Docs = None, passages: Passages = _D.passages,
                   home: Home = None, base: Base = None, as_json: Json = False) -> None:
-    """Train an expert LoRA adapter on a corpus and add it to the library (eval loss before/after)."""
+    """Train an expert LoRA adapter on a corpus and add it to the library (eval loss before/after).
+
+    With --docs, a retrieval-aware expert: each text's opening follows retrieved passages (never the
+    text's own) and the loss is on the rest of the text only."""
     from loramix.train.corpora import load_source
 
     texts = load_source(data, limit=max_examples)
     cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, nano_lr=nano_lr, batch_size=batch_size, seq_len=seq_len,
                       max_examples=max_examples)
     rec, report = _engine(home, base).train_adapter(name, texts, cfg, description=description or f"expert trained on {data}",
-                                                    domain_tags=_csv(tags), source=data, progress=not as_json)
+                                                    domain_tags=_csv(tags), source=data, progress=not as_json,
+                                                    docs=_docs_cfg(docs, passages))
     res = {"adapter": rec.to_dict(), "eval_loss_before": report["eval_loss_before"],
            "eval_loss_after": report["eval_loss_after"], "seconds": report["seconds"]}
     if as_json:

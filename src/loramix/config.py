@@ -246,3 +246,40 @@ class RouterTrainConfig:
         if self.tau is not None:
             return self.tau
         return 0.1 if self.objective == "kl" else 0.03
+
+
+FUSIONS = ("rrf", "dense", "bm25")
+
+
+@dataclass
+class DocsConfig:
+    """Retrieval of document passages for a query and their place in the prompt (loramix.documents).
+
+    ``collections``: collection names, ``tag:NAME`` (every collection carrying the tag) or ``auto``
+    (collections sharing a tag with the routed adapters). Dense and BM25 each give ``candidates``
+    chunks; ``fusion`` ranks them (reciprocal rank fusion with constant ``rrf_k``, or one retriever
+    alone); with ``rerank`` the top ``rerank_top`` are re-ordered by the language model's loss of the
+    query given each passage. ``passages`` chunks go into the prompt, at most ``budget`` tokens of them.
+    """
+
+    collections: list[str] = field(default_factory=list)
+    passages: int = 3  # passages placed in the prompt
+    candidates: int = 30  # chunks taken from each retriever before fusion
+    fusion: str = "rrf"  # rrf | dense | bm25
+    rrf_k: int = 60
+    rerank: bool = False  # re-order by the LM's loss of the query given each passage (Atlas-style)
+    rerank_top: int = 10  # fused candidates the LM scores
+    budget: int = 384  # tokens of passages in the prompt
+    chunk_words: int = 96  # words per chunk when a collection is added
+    chunk_overlap: int = 24  # words shared by consecutive chunks of one document
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ConfigError(f"unknown fusion {self.fusion!r}; expected one of {', '.join(FUSIONS)}")
+        if self.passages < 0 or self.candidates < 1 or self.rerank_top < 1 or self.rrf_k < 1:
+            raise ConfigError("passages must be >= 0 and candidates, rerank_top, rrf_k >= 1")
+        if self.budget < 16:
+            raise ConfigError(f"budget must be at least 16 tokens, got {self.budget}")
+        if self.chunk_words < 8 or not 0 <= self.chunk_overlap < self.chunk_words:
+            raise ConfigError(f"chunk_words must be >= 8 and 0 <= chunk_overlap < chunk_words, got "
+                              f"{self.chunk_words} and {self.chunk_overlap}")

@@ -13,6 +13,8 @@ one type. The tree::
     ├── RoutingError           the router can't answer (empty library, no key, bad filter)
     ├── MixError               the mixer can't apply a mixture (too many adapters for the slots, ...)
     ├── TrainingError          training data or a training run is unusable
+    ├── DocumentError          document collections (bad source, bad name, ...)
+    │   └── CollectionNotFound no collection with that name
     ├── MergeError             adapters can't be merged (different targets for a method that needs equal ones, ...)
     ├── Overloaded             the server's queue is full or it is stopping; a retry later makes sense
     ├── Unauthorized           no API key, or an unknown one (HTTP 401)
@@ -76,6 +78,17 @@ class MixError(LoramixError):
 
 class TrainingError(LoramixError):
     """Training data or a training run is unusable."""
+
+
+class DocumentError(LoramixError):
+    """A problem with document collections."""
+
+
+class CollectionNotFound(DocumentError, KeyError):
+    """No collection has that name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "collection not found"
 
 
 class MergeError(LoramixError):

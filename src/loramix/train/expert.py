@@ -48,40 +48,82 @@ def _pack(tokenizer, texts: Sequence[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(stream[: n * seq_len]).view(n, seq_len)  # (N, seq_len)
 
 
+def _pair_rows(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], max_len: int, pad: int) -> tuple[torch.Tensor, ...]:
+    """(prompt ids, target ids) pairs -> right-padded (ids, labels, mask), each (N, T); labels are -100
+    except on target tokens, so the loss is on the text only (not on the passages or the query)."""
+    rows: list[tuple[list[int], int]] = []
+    for p, t in pairs:
+        target = list(t)[:max_len - 1]
+        seq = (list(p) + target)[-max_len:]
+        rows.append((seq, len(seq) - len(target)))
+    width = max(len(r[0]) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)  # (N, T)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)  # (N, T)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)  # (N, T)
+    for i, (r, first) in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        labels[i, first:len(r)] = ids[i, first:len(r)]
+        mask[i, :len(r)] = 1
+    return ids, labels, mask
+
+
+def _batch(rows: tuple[torch.Tensor, ...], pick: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model kwargs for these rows: packed text (labels = inputs) or padded pairs (ids, labels, mask)."""
+    if len(rows) == 1:
+        x = rows[0][pick]  # (b, T)
+        return {"input_ids": x, "labels": x}
+    ids, labels, mask = (r[pick] for r in rows)
+    width = int(mask.sum(1).max())  # trim the batch's common padding
+    return {"input_ids": ids[:, :width], "labels": labels[:, :width], "attention_mask": mask[:, :width]}
+
+
 @torch.no_grad()
-def _eval_loss(model, rows: torch.Tensor, batch_size: int) -> float:
+def _eval_loss(model, rows: tuple[torch.Tensor, ...], batch_size: int) -> float:
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(rows), batch_size):
-        x = rows[i:i + batch_size]  # (b, T)
-        total += float(model(input_ids=x, labels=x).loss) * len(x)
-        count += len(x)
+    n = len(rows[0])
+    for i in range(0, n, batch_size):
+        pick = torch.arange(i, min(n, i + batch_size))
+        total += float(model(**_batch(rows, pick)).loss) * len(pick)
+        count += len(pick)
     return total / max(count, 1)
 
 
 def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | None = None,
-                 progress: bool = True, description: str = "") -> tuple[LoraWeights, TrainReport]:
-    """LoRA-train the base on ``texts``; returns the adapter and eval losses before and after."""
+                 progress: bool = True, description: str = "",
+                 pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
+                 pair_max_len: int = 512) -> tuple[LoraWeights, TrainReport]:
+    """LoRA-train the base on ``texts``; returns the adapter and eval losses before and after.
+
+    With ``pairs`` (prompt token ids, target token ids), e.g. retrieved passages + query and the text
+    that follows, it trains on those instead (``texts`` is ignored), with the loss on target tokens only.
+    """
     from loramix.config import offline_env
 
     offline_env()
     from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 
     cfg = cfg or TrainConfig()
-    texts = [t for t in texts if t.strip()]
-    if len(texts) < 4:
-        raise TrainingError(f"need at least 4 non-empty training texts, got {len(texts)}")
+    items: list = [p for p in pairs if len(p[1])] if pairs is not None else [t for t in texts if t.strip()]
+    if len(items) < 4:
+        raise TrainingError(f"need at least 4 non-empty training texts, got {len(items)}")
     rng = random.Random(cfg.seed)
-    texts = list(texts)
-    rng.shuffle(texts)
-    texts = texts[: cfg.max_examples]
-    n_eval = max(2, int(len(texts) * cfg.eval_fraction))
-    eval_texts, train_texts = texts[:n_eval], texts[n_eval:]
+    rng.shuffle(items)
+    items = items[: cfg.max_examples]
+    n_eval = max(2, int(len(items) * cfg.eval_fraction))
+    eval_texts, train_texts = items[:n_eval], items[n_eval:]
     torch.manual_seed(cfg.seed)
     bm = load_base(base_path)
     tok, model = bm.tokenizer, bm.model
-    train_rows = _pack(tok, train_texts, cfg.seq_len)  # (N, T)
-    eval_rows = _pack(tok, eval_texts, cfg.seq_len)[:24]  # (M, T)
+    train_rows: tuple[torch.Tensor, ...]
+    eval_rows: tuple[torch.Tensor, ...]
+    if pairs is not None:
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        train_rows = _pair_rows(train_texts, pair_max_len, pad)  # (N, T) x3
+        eval_rows = tuple(r[:24] for r in _pair_rows(eval_texts, pair_max_len, pad))
+    else:
+        train_rows = (_pack(tok, train_texts, cfg.seq_len),)  # (N, T)
+        eval_rows = (_pack(tok, eval_texts, cfg.seq_len)[:24],)  # (M, T)
     n_layers = int(model.config.num_hidden_layers)  # type: ignore[union-attr]
     first = int(n_layers * cfg.layers_from)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha,  # type: ignore[arg-type]
@@ -97,7 +139,7 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * min(s, cfg.steps) / cfg.steps)))
     losses: list[float] = []
-    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(cfg.seed))
+    order = torch.randperm(len(train_rows[0]), generator=torch.Generator().manual_seed(cfg.seed))
     pm.train()
     curve: list[tuple[int, float]] = [(0, before)]
     best_loss, best_step, stale, stop = before, 0, 0, "steps"
@@ -110,8 +152,7 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
         task = bar.add_task("train", total=cfg.steps, name=description or "expert", loss="-")
         for step in range(cfg.steps):
             pick = order[(torch.arange(cfg.batch_size) + step * cfg.batch_size) % len(order)]
-            x = train_rows[pick]  # (b, T)
-            loss = pm(input_ids=x, labels=x).loss
+            loss = pm(**_batch(train_rows, pick)).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -146,7 +187,7 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
     state = {k: v.detach().clone() for k, v in get_peft_model_state_dict(pm).items()}
     weights = LoraWeights.from_peft_state_dict(state, {"r": cfg.rank, "lora_alpha": cfg.alpha})
     report = TrainReport(eval_loss_before=before, eval_loss_after=after, steps=len(losses), train_texts=len(train_texts),
-                         eval_texts=len(eval_texts), tokens_seen=len(losses) * cfg.batch_size * cfg.seq_len,
+                         eval_texts=len(eval_texts), tokens_seen=len(losses) * cfg.batch_size * int(train_rows[0].shape[1]),
                          seconds=time.perf_counter() - start, losses=losses, eval_curve=curve,
                          best_step=best_step if cfg.eval_every else None, stop_reason=stop)
     return weights, report

@@ -101,7 +101,7 @@ def train_nano(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | N
         setattr(mods[parent], child, layer)
         layers[path] = layer
     train_rows = _pack(tok, train_texts, cfg.seq_len)  # (N, T)
-    eval_rows = _pack(tok, eval_texts, cfg.seq_len)[:24]  # (M, T)
+    eval_rows = (_pack(tok, eval_texts, cfg.seq_len)[:24],)  # (M, T)
     start = time.perf_counter()
     before = _eval_loss(model, eval_rows, cfg.batch_size)
     params = [layer.core for layer in layers.values()]

@@ -1,0 +1,372 @@
+#!/usr/bin/env python
+"""Retrieval-augmented generation benchmark: documents and adapters, alone and together, on real text.
+
+    python bench/rag.py --out DIR [--json] [--domains a,b,..] [--train-per-domain N] [--test-per-domain N]
+                        [--collection-per-domain N] [--steps N] [--aware-steps N] [--passages N]
+
+1. data     ``build_benchmark(domains, train, test, seed)`` (split by headword, deduplicated across domains).
+            One collection per domain from the same corpus minus every entry whose headword is a test
+            text's headword (in any domain) and minus any text equal to a test text: a test text's own
+            source entry (all its senses) is never in a collection. ``check_no_leak`` verifies it twice:
+            on the rows stored, and by retrieving with each test text *in full* as the query.
+2. adapters per domain, a plain expert (packed text) and a retrieval-aware expert (passages + the text's
+            opening, loss on the rest; passages never from the text's own headword), tagged plain/aware.
+3. recall   the query is the test text's first 40% of words (``split_texts``); related entries are the
+            same-domain collection entries that cross-reference the test entry: the test text names their
+            headword, or their text names the test headword (headwords of >= 5 letters found in < 1% of the
+            domain's entries). recall@5 = |related in top 5| / min(|related|, 5), over tests with >= 1 related
+            entry, for dense, BM25, fused (RRF) and fused + LM rerank (top 10 by the base model's loss of
+            the query given each passage).
+4. loss     mean token NLL of the rest of the text given (passages +) the opening, macro-mean over domains:
+            base, base + passages, routed plain adapters, routed plain adapters + passages, routed aware
+            adapters + passages (routing: semantic top-3 on the opening, within the plain or aware adapters).
+5. caches   a request stream (each test query, the same again, and its first 30% of words) through
+            ``rag.retrieve`` and the passage KV prefix cache (chat prompts, base model): hit rates, and the
+            prefill time of prompts that hit, cached vs full, timed round-robin, with the logits checked equal.
+Order of work: data, recall, losses without adapters, caches (a partial report.json is written here),
+then the adapters and the losses that need them.
+The last line printed with --json is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DOMAINS = ["zoology", "botany", "chemistry", "medicine", "law", "computing"]
+MIN_HEADWORD = 5  # letters; shorter headwords are too often ordinary words
+MAX_HEADWORD_SHARE = 0.01  # a headword named in more entries than this share is not a cross-reference
+
+
+class LeakError(AssertionError):
+    """A test text's own source entry is in (or retrievable from) a collection."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="work folder (library home, report)")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON line at the end")
+    p.add_argument("--domains", default=",".join(DEFAULT_DOMAINS))
+    p.add_argument("--train-per-domain", type=int, default=150)
+    p.add_argument("--test-per-domain", type=int, default=16)
+    p.add_argument("--collection-per-domain", type=int, default=2000, help="cap on entries per collection")
+    p.add_argument("--steps", type=int, default=40, help="plain expert steps (batch 8 x seq-len tokens)")
+    p.add_argument("--aware-steps", type=int, default=40, help="aware expert steps (batch 4 pairs)")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--passages", type=int, default=3)
+    p.add_argument("--budget", type=int, default=256, help="passage tokens in the prompt")
+    p.add_argument("--rerank-top", type=int, default=10)
+    p.add_argument("--base", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- data and leakage
+
+def norm(text: str) -> str:
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def build_collections(domains: Sequence[str], tests: dict[str, list[Any]], per_domain: int, seed: int,
+                      load: Any = None) -> dict[str, list[Any]]:
+    """Per domain, the corpus entries minus every test headword (any domain) and every test text."""
+    from loramix.train.corpora import load_domain
+
+    load = load or load_domain
+    test_keys = {d.key.lower() for ds in tests.values() for d in ds}
+    test_texts = {norm(d.text) for ds in tests.values() for d in ds}
+    out = {}
+    for dom in domains:
+        docs = [d for d in load(dom) if d.key.lower() not in test_keys and norm(d.text) not in test_texts]
+        docs.sort(key=lambda d: (d.key, d.text))
+        random.Random(f"{seed}:{dom}").shuffle(docs)
+        out[dom] = docs[:per_domain]
+    return out
+
+
+def check_no_leak(store: Any, retriever: Any, tests: Sequence[Any], collections: Sequence[str],
+                  passages: int = 20) -> dict[str, int]:
+    """Raise LeakError if a test text's own entry is stored or retrievable (full text as the query)."""
+    from loramix.config import DocsConfig
+
+    keys = {d.key.lower() for d in tests}
+    stored = 0
+    for name in collections:
+        for ch in store.chunks(collection=name):
+            stored += 1
+            if ch.key.lower() in keys:
+                raise LeakError(f"collection {name} holds chunk {ch.id} of test headword {ch.key!r}")
+    cfg = DocsConfig(collections=list(collections), passages=passages, candidates=passages)
+    checked = 0
+    for d in tests:
+        for p in retriever.rank(d.text, retriever.collections(cfg.collections), cfg)[:passages]:
+            checked += 1
+            a, b = norm(p.text), norm(d.text)
+            if p.key.lower() == d.key.lower() or a in b or b in a:  # its headword, or a copy of (part of) it
+                raise LeakError(f"test text {d.text[:60]!r} retrieves its own entry {p.collection}:{p.key}")
+    return {"chunks_checked": stored, "retrieved_checked": checked}
+
+
+def related_entries(test: Any, entries: Sequence[Any], common: set[str] = frozenset()) -> set[str]:  # type: ignore[assignment]
+    """Keys of same-domain entries that cross-reference the test entry (see the module doc); headwords
+    in ``common`` (ordinary words) never count."""
+    words = set(norm(test.text).split())
+    text = " " + norm(test.text) + " "
+    head = norm(test.key)
+    back = len(head.replace(" ", "")) >= MIN_HEADWORD and head not in common
+    out = set()
+    for e in entries:
+        k = norm(e.key)
+        if len(k.replace(" ", "")) < MIN_HEADWORD or k == head or k in common:
+            continue
+        if (" " in k and f" {k} " in text) or k in words or (back and f" {head} " in f" {norm(e.text)} "):
+            out.add(e.key.lower())
+    return out
+
+
+def common_headwords(entries: Sequence[Any]) -> set[str]:
+    """Headwords named in more than MAX_HEADWORD_SHARE of the entries (ordinary words, not references)."""
+    counts: dict[str, int] = defaultdict(int)
+    for e in entries:
+        for w in set(norm(e.text).split()):
+            counts[w] += 1
+    limit = max(2, int(len(entries) * MAX_HEADWORD_SHARE))
+    return {w for w, c in counts.items() if c > limit}
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    import numpy as np
+    import torch
+
+    from loramix.app import Loramix
+    from loramix.config import DocsConfig, RouteConfig, TrainConfig
+    from loramix.documents import passage_prompt
+    from loramix.evaluate.context import score_continuations
+    from loramix.rag import pair_scorer, prefill, retrieve, train_aware
+    from loramix.train.corpora import build_benchmark
+    from loramix.train.router import split_texts
+
+    t_start = time.time()
+    domains = [d.strip() for d in args.domains.split(",") if d.strip()]
+    args.out.mkdir(parents=True, exist_ok=True)
+    eng = Loramix(home=args.out / "home", base=args.base)
+    timing: dict[str, float] = {}
+
+    # 1. data, collections, leakage
+    t0 = time.time()
+    train, test = build_benchmark(domains, args.train_per_domain, args.test_per_domain, seed=args.seed)
+    cols = build_collections(domains, test, args.collection_per_domain, args.seed)
+    names = [f"bench-{d}" for d in domains]
+    for dom, name in zip(domains, names, strict=True):
+        rec = eng.docs.get(name) if name in eng.docs else None
+        sig = f"{args.seed}:{args.collection_per_domain}:{args.test_per_domain}:{args.train_per_domain}"
+        if rec is not None and rec.source != sig:
+            eng.remove_docs(name)
+            rec = None
+        if rec is None:
+            log(f"collection {name}: embedding {len(cols[dom])} entries")
+            eng.docs.add(name, [d.text for d in cols[dom]], eng.retriever.encoder, keys=[d.key for d in cols[dom]],
+                         tags=[dom], source=sig, chunk_words=96, chunk_overlap=24)
+    eng.retriever.sync()
+    all_tests = [d for dom in domains for d in test[dom]]
+    leak = check_no_leak(eng.docs, eng.retriever, all_tests, names)
+    timing["data_s"] = time.time() - t0
+    log(f"data: {len(all_tests)} tests, leakage check passed {leak}")
+
+    docs_cfg = DocsConfig(collections=names, passages=args.passages, budget=args.budget, rerank_top=args.rerank_top)
+
+    # queries / targets
+    queries, targets, owners = [], [], []
+    for dom in domains:
+        q, t = split_texts([d.text for d in test[dom]], 0.4, 128)
+        kept = [d for d in test[dom] if len(d.text.split()) >= 2]
+        queries += q
+        targets += t
+        owners += [(dom, d) for d in kept]
+    tok = eng.base.tokenizer
+    mm = eng.mixer
+
+    # 3. recall
+    t0 = time.time()
+    recall: dict[str, list[float]] = {m: [] for m in ("dense", "bm25", "fused", "reranked")}
+    hit: dict[str, list[float]] = {m: [] for m in recall}
+    n_related = []
+    base_scorer = pair_scorer(eng, [])
+    for dom in domains:
+        entries = cols[dom]
+        common = common_headwords(entries)
+        for q, (d, doc) in zip(queries, owners, strict=True):
+            if d != dom:
+                continue
+            rel = related_entries(doc, entries, common)
+            if not rel:
+                continue
+            n_related.append(len(rel))
+            col = eng.retriever.collections(names)
+            for m, fusion in (("dense", "dense"), ("bm25", "bm25"), ("fused", "rrf")):
+                c = DocsConfig(collections=names, passages=5, fusion=fusion)
+                top = eng.retriever.rank(q, col, c)[:5]
+                got = len({p.key.lower() for p in top if p.collection == f"bench-{dom}"} & rel)
+                recall[m].append(got / min(len(rel), 5))
+                hit[m].append(float(got > 0))
+            c = DocsConfig(collections=names, passages=5, rerank=True, rerank_top=args.rerank_top)
+            top = eng.retriever.rank(q, col, c, scorer=base_scorer, tokenizer=tok)[:5]
+            got = len({p.key.lower() for p in top if p.collection == f"bench-{dom}"} & rel)
+            recall["reranked"].append(got / min(len(rel), 5))
+            hit["reranked"].append(float(got > 0))
+    timing["recall_s"] = time.time() - t0
+    log("recall@5: " + ", ".join(f"{m} {statistics.mean(v):.3f}" for m, v in recall.items() if v))
+
+    # 4a. losses without adapters
+    t0 = time.time()
+    found = [retrieve(eng, q, docs_cfg) for q in queries]
+    with_p = [passage_prompt(tok, q, ps, args.budget, chat=False) for q, ps in zip(queries, found, strict=True)]
+    without = [passage_prompt(tok, q, [], args.budget, chat=False) for q in queries]
+    tgt = [tok(t, add_special_tokens=False)["input_ids"] for t in targets]
+    empty: list[list[tuple[str, float]]] = [[] for _ in queries]
+    losses: dict[str, dict[str, float]] = {}
+
+    def score(settings: dict[str, tuple[list[Any], list[Any]]]) -> None:
+        for name, (prompts, mixes) in settings.items():
+            res = score_continuations(eng.mixer, [p.ids for p in prompts], tgt, mixes, batch_size=8)
+            per: dict[str, list[float]] = defaultdict(list)
+            for s, (d, _) in zip(res, owners, strict=True):
+                per[d].append(s.loss)
+            losses[name] = {d: statistics.mean(v) for d, v in per.items()}
+            losses[name]["mean"] = statistics.mean(losses[name][d] for d in domains)
+            log(f"loss {name}: {losses[name]['mean']:.4f}")
+
+    score({"base": (without, empty), "docs": (with_p, empty)})
+    timing["loss_base_docs_s"] = time.time() - t0
+
+    # 5. caches: a stream with repeats and shorter variants of each query, served by the base model
+    t0 = time.time()
+    eng.retriever.hits = eng.retriever.misses = 0
+    eng.retriever._cache.clear()
+    eng.kv_cache.clear()
+    kv = eng.kv_cache
+    kv.lookups = kv.hits = kv.tokens_reused = kv.tokens_prefilled = 0
+    short, _ = split_texts([d.text for _, d in owners], 0.3, 128)
+    stream = [x for q, s in zip(queries, short, strict=True) for x in (q, q, s)]
+    hit_prompts = []
+    for q in stream:
+        mix: list[tuple[str, float]] = []
+        pp = passage_prompt(tok, q, retrieve(eng, q, docs_cfg, mix), args.budget, chat=True)
+        with mm.mixture([mix]), torch.inference_mode():
+            pre = prefill(eng, pp.ids, pp.boundaries, mix)
+        if pre.reused:
+            hit_prompts.append((pp, mix))
+    kv_stats, ret_stats = kv.stats(), eng.retriever.stats()["retrieval_cache"]
+    # time cached vs full prefill on the prompts that hit, round-robin, logits compared
+    cached_ms, full_ms, max_diff = [], [], 0.0
+    for pp, mix in hit_prompts[:24]:
+        with mm.mixture([mix]), torch.inference_mode():
+            for _ in range(2):
+                t1 = time.perf_counter()
+                full = mm.model(input_ids=torch.tensor([pp.ids])).logits[0, -1]  # (V,)
+                full_ms.append((time.perf_counter() - t1) * 1000)
+                t1 = time.perf_counter()
+                pre = prefill(eng, pp.ids, pp.boundaries, mix)
+                cached_ms.append((time.perf_counter() - t1) * 1000)
+                max_diff = max(max_diff, float((pre.logits[0, -1] - full).abs().max()))
+    timing["cache_s"] = time.time() - t0
+
+    partial = {"status": "partial: adapters not trained yet", "loss_base": losses["base"]["mean"],
+               "loss_docs": losses["docs"]["mean"], **{f"recall5_{m}": statistics.mean(v) for m, v in recall.items() if v},
+               "kv_prefix_cache": kv_stats, "retrieval_cache": ret_stats,
+               "prefill_ms_full": statistics.mean(full_ms) if full_ms else None,
+               "prefill_ms_cached": statistics.mean(cached_ms) if cached_ms else None,
+               "prefill_logits_max_abs_diff": max_diff, "leakage": leak, "timing": timing}
+    (args.out / "report.json").write_text(json.dumps(partial, indent=2))
+    log(f"partial: {json.dumps(partial)}")
+
+    # 2. adapters
+    t0 = time.time()
+    tcfg = TrainConfig(steps=args.steps, batch_size=8, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    acfg = TrainConfig(steps=args.aware_steps, batch_size=4, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    trained = {}
+    for dom in domains:
+        texts = [d.text for d in train[dom]]
+        for kind in ("plain", "aware"):
+            name = f"{kind}-{dom}"
+            if name in eng.library:
+                continue
+            t1 = time.time()
+            if kind == "plain":
+                rec, rep = eng.train_adapter(name, texts, tcfg, domain_tags=[dom, kind], progress=False)
+            else:
+                weights, report = train_aware(eng, texts, acfg, docs_cfg, False, name, keys=[d.key for d in train[dom]])
+                rng = np.random.default_rng(args.seed)
+                ex = [texts[int(i)] for i in rng.choice(len(texts), size=min(256, len(texts)), replace=False)]
+                eng.add_weights(weights, name, domain_tags=[dom, kind], examples=ex, meta={"docs": names})
+                rep = report.to_dict()
+            trained[name] = {"before": rep["eval_loss_before"], "after": rep["eval_loss_after"],
+                             "seconds": round(time.time() - t1, 1)}
+            log(f"trained {name}: eval {rep['eval_loss_before']:.3f} -> {rep['eval_loss_after']:.3f} "
+                f"({time.time() - t1:.0f} s)")
+    timing["adapters_s"] = time.time() - t0
+
+    # 4b. losses with routed adapters
+    t0 = time.time()
+    plain, aware = RouteConfig(k=3, tags=["plain"]), RouteConfig(k=3, tags=["aware"])
+    mix_plain = [r.mixture for r in eng.router.route_batch(queries, plain)]
+    mix_aware = [r.mixture for r in eng.router.route_batch(queries, aware)]
+    top1_ok = [eng.library.get(m[0][0]).domain_tags[0] == d for m, (d, _) in zip(mix_plain, owners, strict=True)]
+    score({"adapters": (without, mix_plain), "adapters_docs": (with_p, mix_plain), "aware_docs": (with_p, mix_aware),
+           "aware": (without, mix_aware)})
+    timing["loss_adapters_s"] = time.time() - t0
+
+    def mean(xs: Sequence[float]) -> float:
+        return round(statistics.mean(xs), 4) if xs else float("nan")
+
+    best_alone = min(losses["docs"]["mean"], losses["adapters"]["mean"])
+    res: dict[str, Any] = {
+        "loss_base": round(losses["base"]["mean"], 4), "loss_docs": round(losses["docs"]["mean"], 4),
+        "loss_adapters": round(losses["adapters"]["mean"], 4),
+        "loss_adapters_docs": round(losses["adapters_docs"]["mean"], 4),
+        "loss_aware_docs": round(losses["aware_docs"]["mean"], 4), "loss_aware": round(losses["aware"]["mean"], 4),
+        "recall5_dense": mean(recall["dense"]), "recall5_bm25": mean(recall["bm25"]),
+        "recall5_fused": mean(recall["fused"]), "recall5_reranked": mean(recall["reranked"]),
+        "hit5": {m: mean(v) for m, v in hit.items()}, "recall_queries": len(recall["fused"]),
+        "related_per_query_median": statistics.median(n_related) if n_related else 0,
+        "gain_adapters_docs_vs_best_alone": round(1 - losses["adapters_docs"]["mean"] / best_alone, 4),
+        "gain_aware_docs_vs_best_alone": round(1 - losses["aware_docs"]["mean"] / best_alone, 4),
+        "target_5pct_met": losses["adapters_docs"]["mean"] <= 0.95 * best_alone,
+        "target_rerank_met": mean(recall["reranked"]) > mean(recall["fused"]),
+        "routing_top1_accuracy": mean([float(x) for x in top1_ok]),
+        "retrieval_cache": ret_stats, "kv_prefix_cache": kv_stats,
+        "prefill_ms_full": mean(full_ms), "prefill_ms_cached": mean(cached_ms),
+        "prefill_saved_share": round(1 - statistics.mean(cached_ms) / statistics.mean(full_ms), 4) if full_ms else None,
+        "prefill_logits_max_abs_diff": max_diff,
+        "losses_per_domain": {k: {d: round(x, 4) for d, x in v.items()} for k, v in losses.items()},
+        "adapters": trained, "leakage": leak,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "n_test": len(queries), "domains": domains, "device": str(next(mm.model.parameters()).device),
+        "torch_threads": torch.get_num_threads(), "timing": {k: round(v, 1) for k, v in timing.items()},
+        "seconds": round(time.time() - t_start, 1),
+    }
+    (args.out / "report.json").write_text(json.dumps(res, indent=2))
+    if args.json:
+        print(json.dumps(res))
+    return res
+
+
+if __name__ == "__main__":
+    main()
