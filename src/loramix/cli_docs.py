@@ -107,4 +107,6 @@ def docs_search(query: str, docs: Annotated[str, typer.Option("--docs", help="Co
 @docs_app.command("stats")
 def docs_stats(home: Home = None) -> None:
     """Collection and cache counters of this process's engine (caches start empty in a new process)."""
-    _print_json(_engine(home).stats())
+    eng = _engine(home)
+    eng.retriever, eng.kv_cache  # noqa: B018  (built so their counters are reported)
+    _print_json(eng.stats())
