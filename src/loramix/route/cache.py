@@ -24,13 +24,14 @@ def normalize_query(text: str) -> str:
     return " ".join(unicodedata.normalize("NFC", text).split())
 
 
-def cache_key(query: str, cfg: Any) -> tuple[Any, ...] | None:
-    """The key of a query under ``cfg`` (a RouteConfig); None when the strategy is not cacheable."""
+def cache_key(query: str, cfg: Any, tenant: str | None = None) -> tuple[Any, ...] | None:
+    """The key of a query under ``cfg`` (a RouteConfig) for ``tenant`` (routes differ by what the caller
+    may see); None when the strategy is not cacheable."""
     if cfg.strategy not in CACHEABLE:
         return None
     opts = tuple((f.name, tuple(v) if isinstance(v := getattr(cfg, f.name), list) else v)
                  for f in dataclasses.fields(cfg))
-    return (normalize_query(query), opts)
+    return (normalize_query(query), opts, tenant)
 
 
 class RouteCache:

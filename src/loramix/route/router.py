@@ -365,7 +365,7 @@ class Router:
         t0 = time.perf_counter()
         self._maybe_sync()
         gen = getattr(self.lib, "generation", None)
-        keys = [cache_key(q, cfg) for q in queries]
+        keys = [cache_key(q, cfg, tenant) for q in queries]
         hits = self.cache.get_many(keys, (gen, self.index.generation)) if gen is not None else [None] * len(keys)
         todo = [i for i, h in enumerate(hits) if h is None]
         if not todo:
