@@ -188,6 +188,28 @@ def _parse_weighted(model: str) -> list[tuple[str, float]]:
 
 
 # --- the real engine ------------------------------------------------------------------------------
+def resolve_model(model: str | None, base_id: str, one: Callable[[str], tuple[str, str]],
+                  known: Callable[[str], bool], auto: Callable[[], Resolved]) -> Resolved:
+    """The ``model`` grammar every engine shares: empty or the base id = no adapter; ``auto`` = routed
+    (``auto()``); an exact adapter name (``known``), or anything not shaped like a mixture = that adapter;
+    else ``name:0.7,other:0.3``. ``one(name) -> (id, name)`` raises AdapterNotFound for what the caller
+    may not see."""
+    model = (model or "").strip()
+    if not model or model == base_id:
+        return Resolved([], [])
+    if model == "auto":
+        return auto()
+    if known(model) or not _looks_like_mixture(model):
+        aid, name = one(model)
+        return Resolved([(aid, 1.0)], [{"name": name, "weight": 1.0}])
+    return named_mixture([(one(n), w) for n, w in _parse_weighted(model)])
+
+
+def named_mixture(pairs: Sequence[tuple[tuple[str, str], float]]) -> Resolved:
+    """((id, name), weight) pairs -> the mixture and what the response shows."""
+    return Resolved([(aid, w) for (aid, _), w in pairs], [{"name": n, "weight": w} for (_, n), w in pairs])
+
+
 class LocalEngine:
     """Loramix (library, router, mixer) plus a scheduler that owns the model."""
 
@@ -252,23 +274,19 @@ class LocalEngine:
 
     def resolve(self, model: str | None, tenant: str | None, query: str | None = None,
                 route: RouteConfig | None = None) -> Resolved:
-        model = (model or "").strip()
-        if not model or model == self.base_id:
-            return Resolved([], [])
-        if model == "auto":
+        def auto() -> Resolved:
             r = self.route_obj(query or "", route or self.default_route(), tenant)
             return Resolved(r.mixture, [{"name": a.name, "weight": a.weight} for a in r.adapters], True, r.latency_ms)
-        if model in self._runtime or model in self.lm.library or not _looks_like_mixture(model):
-            aid, name = self._one(model, tenant)
-            return Resolved([(aid, 1.0)], [{"name": name, "weight": 1.0}])
-        pairs = [(self._one(n, tenant), w) for n, w in _parse_weighted(model)]
-        return Resolved([(aid, w) for (aid, _), w in pairs], [{"name": n, "weight": w} for (_, n), w in pairs])
+
+        return resolve_model(model, self.base_id, lambda n: self._one(n, tenant),
+                             lambda n: n in self._runtime or n in self.lm.library, auto)
 
     def resolve_merged(self, recipe: MergeRecipe, tenant: str | None) -> Resolved:
         named = [self._one(n, tenant) for n in recipe.names]
-        shown = [{"name": n, "weight": w} for (_, n), w in zip(named, recipe.weights, strict=True)]
+        linear = named_mixture(list(zip(named, recipe.weights, strict=True)))
         if recipe.strategy == "linear":  # exact output mixture, per row: no merge needed
-            return Resolved([(aid, w) for (aid, _), w in zip(named, recipe.weights, strict=True)], shown)
+            return linear
+        shown = linear.adapters
         key = recipe.key()
         with self._merge_lock:
             aid = self._merged.get(key)
@@ -477,24 +495,20 @@ class FakeEngine:
 
     def resolve(self, model: str | None, tenant: str | None, query: str | None = None,
                 route: RouteConfig | None = None) -> Resolved:
-        model = (model or "").strip()
-        if not model or model == self.base_id:
-            return Resolved([], [])
-        if model == "auto":
+        def auto() -> Resolved:
             r = self.route(query or "", route or self.default_route(), tenant)
             return Resolved([(self.adapters[a["name"]]["id"], a["weight"]) for a in r["adapters"]],
                             [{"name": a["name"], "weight": a["weight"]} for a in r["adapters"]], True, 0.1)
-        if model in self.adapters or model in self.runtime or not _looks_like_mixture(model):
-            aid, name = self._one(model, tenant)
-            return Resolved([(aid, 1.0)], [{"name": name, "weight": 1.0}])
-        pairs = [(self._one(n, tenant), w) for n, w in _parse_weighted(model)]
-        return Resolved([(aid, w) for (aid, _), w in pairs], [{"name": n, "weight": w} for (_, n), w in pairs])
+
+        return resolve_model(model, self.base_id, lambda n: self._one(n, tenant),
+                             lambda n: n in self.adapters or n in self.runtime, auto)
 
     def resolve_merged(self, recipe: MergeRecipe, tenant: str | None) -> Resolved:
         named = [self._one(n, tenant) for n in recipe.names]
-        shown = [{"name": n, "weight": w} for (_, n), w in zip(named, recipe.weights, strict=True)]
+        linear = named_mixture(list(zip(named, recipe.weights, strict=True)))
         if recipe.strategy == "linear":
-            return Resolved([(a, w) for (a, _), w in zip(named, recipe.weights, strict=True)], shown)
+            return linear
+        shown = linear.adapters
         if recipe.strategy.startswith("dare") and recipe.density == 0.0:
             raise MergeError("density 0 drops every weight; expected a density in (0, 1]")
         return Resolved([(f"merged-{recipe.key()}", 1.0)], [{"name": recipe.strategy, "weight": 1.0,
