@@ -13,19 +13,8 @@ from loramix.base import BaseModel
 from loramix.config import MixConfig
 from loramix.mix import MixedModel, ops
 from loramix.mix.layers import MixedLoraLinear
+from loramix.mix.ops import mixed_lora  # the pre-plan op, kept unchanged: the oracle
 from loramix.testing import random_lora
-
-
-def _old_mixed_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor,
-                    w: torch.Tensor) -> torch.Tensor:
-    """The mixer's op before per-batch plans: gather, reshape, repeat, multiply, two bmm, every call."""
-    nb, k = idx.shape
-    r = a.shape[1]
-    a_sel = a[idx].reshape(nb, k * r, a.shape[2])  # (B, k*r, n_in)
-    b_sel = b[idx].reshape(nb, k * r, b.shape[2])  # (B, k*r, n_out)
-    h = torch.bmm(x, a_sel.transpose(1, 2))  # (B, T, k*r)
-    h = h * w.to(h.dtype).repeat_interleave(r, dim=1).unsqueeze(1)  # (B, T, k*r)
-    return torch.bmm(h, b_sel)  # (B, T, n_out)
 
 
 def _old_forward(self: MixedLoraLinear, x: torch.Tensor) -> torch.Tensor:
@@ -33,7 +22,7 @@ def _old_forward(self: MixedLoraLinear, x: torch.Tensor) -> torch.Tensor:
     batch = self.state.batch
     if batch is None or batch.idx is None or batch.w is None:
         return y
-    return y + _old_mixed_lora(x, self.lora_A, self.lora_B, batch.idx, batch.w).to(y.dtype)  # (B, T, n_out)
+    return y + mixed_lora(x, self.lora_A, self.lora_B, batch.idx, batch.w).to(y.dtype)  # (B, T, n_out)
 
 
 @dataclass

@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
 
@@ -89,6 +90,18 @@ def _eval_loss(model, rows: tuple[torch.Tensor, ...], batch_size: int) -> float:
     return total / max(count, 1)
 
 
+def split_examples(items: Sequence[Any], cfg: TrainConfig) -> tuple[list[Any], list[Any]]:
+    """(eval, train): shuffled with ``cfg.seed``, capped at ``cfg.max_examples``, ``cfg.eval_fraction`` (at
+    least 2) held out. Refuses fewer than 4 examples."""
+    if len(items) < 4:
+        raise TrainingError(f"need at least 4 non-empty training texts, got {len(items)}")
+    shuffled = list(items)
+    random.Random(cfg.seed).shuffle(shuffled)
+    shuffled = shuffled[: cfg.max_examples]
+    n_eval = max(2, int(len(shuffled) * cfg.eval_fraction))
+    return shuffled[:n_eval], shuffled[n_eval:]
+
+
 def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | None = None,
                  progress: bool = True, description: str = "",
                  pairs: Sequence[tuple[Sequence[int], Sequence[int]]] | None = None,
@@ -105,13 +118,7 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
 
     cfg = cfg or TrainConfig()
     items: list = [p for p in pairs if len(p[1])] if pairs is not None else [t for t in texts if t.strip()]
-    if len(items) < 4:
-        raise TrainingError(f"need at least 4 non-empty training texts, got {len(items)}")
-    rng = random.Random(cfg.seed)
-    rng.shuffle(items)
-    items = items[: cfg.max_examples]
-    n_eval = max(2, int(len(items) * cfg.eval_fraction))
-    eval_texts, train_texts = items[:n_eval], items[n_eval:]
+    eval_texts, train_texts = split_examples(items, cfg)
     torch.manual_seed(cfg.seed)
     bm = load_base(base_path)
     tok, model = bm.tokenizer, bm.model

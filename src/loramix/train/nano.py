@@ -7,7 +7,6 @@ starts from the base model exactly, like LoRA's zero-initialised ``B``.
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -19,7 +18,7 @@ from loramix.base import load_base
 from loramix.config import TrainConfig
 from loramix.errors import TrainingError
 from loramix.nano import NanoBasis, NanoWeights, base_fingerprint, compute_basis
-from loramix.train.expert import TrainReport, _eval_loss, _pack
+from loramix.train.expert import TrainReport, _eval_loss, _pack, split_examples
 
 __all__ = ["NanoLinear", "nano_paths", "train_nano"]
 
@@ -64,15 +63,7 @@ def train_nano(base_path: str | None, texts: Sequence[str], cfg: TrainConfig | N
     (``basis`` when given, else the one of this base and rank in ``bases`` (a library's BasisStore) when it
     holds it, else computed from the base's weights and stored there)."""
     cfg = cfg or TrainConfig(kind="nano")
-    texts = [t for t in texts if t.strip()]
-    if len(texts) < 4:
-        raise TrainingError(f"need at least 4 non-empty training texts, got {len(texts)}")
-    rng = random.Random(cfg.seed)
-    texts = list(texts)
-    rng.shuffle(texts)
-    texts = texts[: cfg.max_examples]
-    n_eval = max(2, int(len(texts) * cfg.eval_fraction))
-    eval_texts, train_texts = texts[:n_eval], texts[n_eval:]
+    eval_texts, train_texts = split_examples([t for t in texts if t.strip()], cfg)
     torch.manual_seed(cfg.seed)
     bm = load_base(base_path)
     tok, model = bm.tokenizer, bm.model
