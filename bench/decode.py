@@ -14,8 +14,9 @@ Settings, each timed round-robin with the others (median of ``--repeats``):
   mix8   loramix, a different 8-adapter weighted mixture per row
 
 Each loramix generation prepares its batch, runs prefill and decode, and releases it (all timed;
-the adapters are already in their slots). Before timing, the run checks that the mixer's first-step
-logits equal those of a copy of the base with the mixture's deltas merged into its weights.
+the adapters are already in their slots). Before timing, the run checks that the mixer's logits at
+every one of 16 decode steps (folded and kernel paths included) equal those of a copy of the base
+with the row's mixture merged into its weights, fed the same tokens.
 
 Run: ``python bench/decode.py [--json] [--repeats 3] [--batches 1,4,16] [--base PATH]``
 (``PYTHONPATH=<tree>/src`` picks which loramix mixer is measured, e.g. main's for a before figure).
@@ -62,15 +63,21 @@ def synthetic_adapter(shapes: dict[str, tuple[int, int]], n_layers: int, rank: i
     return LoraWeights(rank=rank, alpha=2.0 * rank, layers=layers)
 
 
-def generate(fwd: Forward, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy tokens (B, new_tokens) with a KV cache; ``fwd`` is the model call."""
+def generate(fwd: Forward, ids: torch.Tensor, new_tokens: int, keep: int | None = None,
+             seen: list[torch.Tensor] | None = None) -> torch.Tensor:
+    """Greedy tokens (B, new_tokens) with a KV cache; ``fwd`` is the model call. With ``seen``, row
+    ``keep``'s logits at every step are appended to it (for the check)."""
     cache = DynamicCache()
     with torch.inference_mode():
         logits = fwd(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
         out = [logits.argmax(-1, keepdim=True)]  # (B, 1) each
+        if seen is not None:
+            seen.append(logits[keep].clone())
         for _ in range(new_tokens - 1):
             logits = fwd(input_ids=out[-1], past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
             out.append(logits.argmax(-1, keepdim=True))
+            if seen is not None:
+                seen.append(logits[keep].clone())
     return torch.cat(out, 1)  # (B, new)
 
 
@@ -82,25 +89,28 @@ def mixer_run(mm: MixedModel, rows: list[list[tuple[str, float]]], ids: torch.Te
         mm.release(batch)
 
 
-def merged_check(plain: torch.nn.Module, lib: Library, mm: MixedModel, row: list[tuple[str, float]],
-                 rows: list[list[tuple[str, float]]], ids: torch.Tensor, i: int) -> float:
-    """Max |logit difference| at the first generated position of row ``i`` between the mixer (whole
-    batch) and a copy of the base with row i's mixture merged into its weights."""
+def merged_check(plain: torch.nn.Module, lib: Library, mm: MixedModel, rows: list[list[tuple[str, float]]],
+                 ids: torch.Tensor, i: int, steps: int) -> float:
+    """Max |logit difference| for row ``i`` over ``steps`` greedy decode steps between the mixer (the
+    whole batch, every path it takes: folding, the kernel) and a copy of the base with row i's
+    mixture merged into its weights, fed the same tokens (teacher forcing)."""
     merged = copy.deepcopy(plain)
     mods = dict(merged.named_modules())
     with torch.no_grad():
-        for aid, w in row:
+        for aid, w in rows[i]:
             weights = lib.load(aid)
             for path in weights.layers:
                 mods[path].weight += w * weights.delta(path)  # (n_out, n_in)
-        want = merged(input_ids=ids[i:i + 1]).logits[0, -1]  # (V,)
+    seen: list[torch.Tensor] = []
     batch = mm.prepare(rows)
     try:
-        with torch.inference_mode():
-            got = mm.forward(batch, input_ids=ids).logits[i, -1]  # (V,)
+        toks = generate(lambda **kw: mm.forward(batch, **kw), ids, steps, keep=i, seen=seen)  # (B, steps)
     finally:
         mm.release(batch)
-    return float((got - want).abs().max())
+    with torch.inference_mode():
+        full = torch.cat([ids[i], toks[i, :-1]])[None]  # (1, P + steps - 1)
+        want = merged(input_ids=full).logits[0, ids.shape[1] - 1:]  # (steps, V)
+    return float((torch.stack(seen) - want).abs().max())
 
 
 def note(msg: str) -> None:
@@ -118,6 +128,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--base", default=None, help="base model folder (default SmolLM2-135M-Instruct)")
     ap.add_argument("--home", default=None, help="library home (default: a new temp dir)")
+    ap.add_argument("--no-kernel", action="store_true", help="the mixer's torch forms only (no compiled kernel)")
+    ap.add_argument("--no-fold", action="store_true", help="never fold a shared mixture into the weights")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     load0 = os.getloadavg()
@@ -130,7 +142,11 @@ def main() -> None:
     shapes = base.linear_shapes()
     names = [lib.add_weights(synthetic_adapter(shapes, n_layers, args.rank, seed=i), f"decode-{i}").id
              for i in range(args.adapters)]
-    mm = MixedModel(base, lib.load, MixConfig(capacity=64))
+    cfg = MixConfig(capacity=64)
+    for name, off in (("kernel", args.no_kernel), ("fold_after", args.no_fold)):  # older trees lack the switches
+        if off and hasattr(cfg, name):
+            setattr(cfg, name, type(getattr(cfg, name))(0))
+    mm = MixedModel(base, lib.load, cfg)
     note(f"library of {len(names)} adapters ready in {home}")
 
     def rows_for(setting: str, nb: int) -> list[list[tuple[str, float]]]:
@@ -153,10 +169,11 @@ def main() -> None:
                                             mixer_run(mm, rows_for(setting, nb), prompts[nb], args.new_tokens))
 
     nb_max = max(batches)
-    checks = {"mix3_b1_row0": merged_check(plain, lib, mm, rows_for("mix3", 1)[0], rows_for("mix3", 1), prompts[1]
-                                           if 1 in prompts else prompts[nb_max][:1], 0),
-              f"mix8_b{nb_max}_row{nb_max - 1}": merged_check(plain, lib, mm, rows_for("mix8", nb_max)[-1],
-                                                               rows_for("mix8", nb_max), prompts[nb_max], nb_max - 1)}
+    nb_min = min(batches)
+    steps = min(args.new_tokens, 16)
+    checks = {f"mix3_b{nb_min}_row0": merged_check(plain, lib, mm, rows_for("mix3", nb_min), prompts[nb_min], 0, steps),
+              f"mix8_b{nb_max}_row{nb_max - 1}": merged_check(plain, lib, mm, rows_for("mix8", nb_max), prompts[nb_max],
+                                                               nb_max - 1, steps)}
     ok = all(v < 1e-3 for v in checks.values())
     note(f"checks {checks}")
 
@@ -182,9 +199,10 @@ def main() -> None:
     print(f"mixer: loramix from the {Path(loramix.__file__).parents[2].name!r} tree; {args.adapters} synthetic rank-{args.rank} "
           f"adapters (random weights at a trained scale) on {len(TARGETS)} projections x top {n_layers - n_layers // 2} "
           f"layers; prompt {args.prompt}, {args.new_tokens} new tokens, greedy, KV cache; "
-          f"{torch.get_num_threads()} threads; median of {args.repeats}, round-robin")
+          f"{torch.get_num_threads()} threads; median of {args.repeats}, round-robin; "
+          f"kernel={getattr(cfg, 'kernel', 'n/a')} fold_after={getattr(cfg, 'fold_after', 'n/a')}")
     print(f"load average before {load0[0]:.1f}, after {load1[0]:.1f} (cores: {os.cpu_count()})")
-    print("check, first-step logits vs merged deltas: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in checks.items())
+    print(f"check, logits over {steps} greedy steps vs a copy with the row's deltas merged: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in checks.items())
           + (" OK" if ok else " MISMATCH"))
     print(f"  {'batch':>5} " + " ".join(f"{s + ' tok/s':>12}" for s in SETTINGS) + "   one/base mix3/base mix8/base")
     for nb in batches:

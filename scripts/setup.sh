@@ -8,8 +8,9 @@ cd "$(dirname "$0")/.."
 
 CORPORA="dict-gcide dict-foldoc dict-jargon dict-elements bible-kjv fortunes manpages manpages-dev"
 BROWSER="chromium"  # the /ui test drives the system chromium through playwright (no browser download)
+COMPILER="gcc"  # the mixer's decode kernel (loramix.mix.kernel) is compiled on first use
 missing=""
-for p in $CORPORA $BROWSER; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
+for p in $CORPORA $BROWSER $COMPILER; do dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"; done
 if [ -n "$missing" ]; then
   if command -v apt-get >/dev/null 2>&1; then
     SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"

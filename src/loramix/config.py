@@ -70,12 +70,21 @@ class MixConfig:
     max_rank: int = 16  # slot rank; grows when a bigger adapter is loaded
     bf16: bool = False  # bf16 autocast; off by default because it is slower on many CPUs
     memory_bytes: int = 256 << 20  # in-memory tier of loaded adapters between the slots and the library
+    # A batch whose rows all share one mixture folds its delta into a copy of each targeted layer's
+    # weight after this many model calls (it is decoding): later calls cost what the base model costs,
+    # for the memory of the targeted weights while the batch lives. 0: never fold.
+    fold_after: int = 4
+    # Rows with different mixtures, in decode: a compiled C kernel (loramix.mix.kernel) reads each row's
+    # adapters in place; False, or no working C compiler, keeps the torch forms.
+    kernel: bool = True
 
     def __post_init__(self) -> None:
         if self.capacity < 1:
             raise ConfigError(f"capacity must be at least 1, got {self.capacity}")
         if self.max_rank < 1:
             raise ConfigError(f"max_rank must be at least 1, got {self.max_rank}")
+        if self.fold_after < 0:
+            raise ConfigError(f"fold_after must be >= 0 (0: never fold), got {self.fold_after}")
 
 
 @dataclass

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from loramix.base import BaseModel
 from loramix.config import MixConfig
-from loramix.mix import MixedModel, ops
+from loramix.mix import MixedModel, kernel, ops
 from loramix.mix.layers import MixedLoraLinear
 from loramix.mix.ops import mixed_lora  # the pre-plan op, kept unchanged: the oracle
 from loramix.testing import random_lora
@@ -84,16 +84,30 @@ def _decode(mm: MixedModel, vocab: int, steps: int = 32) -> list[Row]:
     return done + active
 
 
-@pytest.mark.parametrize("form", ["planned", "dense", "gather"])
+@pytest.mark.parametrize("form", ["planned", "kernel", "dense", "gather"])
 def test_decode_with_rows_joining_and_leaving_matches_old_path(tiny_base: BaseModel, form: str,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     adapters = {n: random_lora(tiny_base, seed=i, std=0.2, targets=("q_proj", "v_proj", "o_proj", "up_proj",
                                                                      "down_proj")) for i, n in enumerate("abcdef")}
-    mm = MixedModel(tiny_base, adapters.__getitem__, MixConfig(capacity=8, max_rank=8))
+    cfg = MixConfig(capacity=8, max_rank=8, kernel=form in ("planned", "kernel"))
+    mm = MixedModel(tiny_base, adapters.__getitem__, cfg)
     vocab = tiny_base.model.config.vocab_size
-    if form != "planned":  # force one form of the differing-rows plan for every call
+    calls = [0]
+    if form in ("planned", "kernel"):
+        assert kernel.available()
+        real = kernel.Bgmv.__call__
+
+        def counted(self: kernel.Bgmv, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            calls[0] += 1
+            return real(self, y, x)
+
+        monkeypatch.setattr(kernel.Bgmv, "__call__", counted)
+    if form == "kernel":  # every call with differing rows through the kernel, prefill included
+        monkeypatch.setattr(ops, "KERNEL_MAX_TOKENS", 1 << 30)
+    if form in ("dense", "gather"):  # force one torch form of the differing-rows plan for every call
         monkeypatch.setattr(ops.MixPlan, "dense_for", lambda self, tokens: form == "dense")
     new = _decode(mm, vocab)
+    assert (calls[0] > 0) == (form in ("planned", "kernel")), calls
     with monkeypatch.context() as m:
         m.setattr(MixedLoraLinear, "forward", _old_forward)
         old = _decode(mm, vocab)
@@ -120,3 +134,39 @@ def test_mixture_moves_the_logits(tiny_base: BaseModel) -> None:
         plain = mm.model(input_ids=ids).logits
     assert torch.equal(got[1], plain[1])
     assert not torch.allclose(got[0], plain[0], atol=1e-3)
+
+
+@pytest.mark.parametrize("fold_after", [0, 1, 3])
+def test_same_mixture_decode_folds_and_matches_old_path(tiny_base: BaseModel, fold_after: int,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every row the same mixture: after ``fold_after`` calls the delta is folded into a copy of each
+    layer's weight; 32 greedy decode steps with a KV cache give the old path's tokens and logits, and
+    the base weights are untouched."""
+    adapters = {n: random_lora(tiny_base, seed=i, std=0.2) for i, n in enumerate("abc")}
+    mm = MixedModel(tiny_base, adapters.__getitem__, MixConfig(capacity=4, max_rank=8, fold_after=fold_after))
+    weights = {n: p.detach().clone() for n, p in tiny_base.model.named_parameters()}
+    ids = torch.randint(5, tiny_base.model.config.vocab_size, (3, 6), generator=torch.Generator().manual_seed(2))
+    mix = [("a", 0.5), ("b", 0.3), ("c", 0.2)]
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        batch, cache, seen = mm.prepare([mix] * 3), DynamicCache(), []
+        with torch.inference_mode():
+            step = ids
+            for _ in range(32):
+                logits = mm.forward(batch, input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
+                seen.append(logits.clone())
+                step = logits.argmax(-1, keepdim=True)  # (B, 1)
+        folded = sum(f is not None and f.folded is not None for f in batch.cache.values())
+        mm.release(batch)
+        return torch.stack([s.argmax(-1) for s in seen], 1), seen, folded
+
+    new_tokens, new_logits, folded = run()
+    assert (folded > 0) == (fold_after > 0), folded
+    with monkeypatch.context() as m:
+        m.setattr(MixedLoraLinear, "forward", _old_forward)
+        old_tokens, old_logits, _ = run()
+    assert torch.equal(new_tokens, old_tokens)
+    for a, b in zip(new_logits, old_logits, strict=True):
+        assert torch.allclose(a, b, atol=1e-4, rtol=0)
+    for n, p in tiny_base.model.named_parameters():
+        assert torch.equal(p, weights[n.replace(".base_layer", "")]), n

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from loramix.mix import mixed_lora, reference_mix
+from loramix.mix import kernel, mixed_lora, reference_mix
 from loramix.mix.ops import build_factors, dense_is_cheaper, make_plan
 
 GRID = list(itertools.product([1, 3, 16], [1, 2, 3], [1, 4, 16], [torch.float32, torch.bfloat16], [1, 7]))
@@ -116,3 +116,40 @@ def test_no_adapter_and_absent_layer() -> None:
     a, b = torch.zeros(3, 4, 8), torch.zeros(3, 4, 5)
     plan = make_plan([{0: 1.0}, {1: 0.5}])
     assert plan is not None and build_factors(plan, a, b, [0, 0, 0]) is None  # no batch adapter targets it
+
+
+KERNEL_GRID = list(itertools.product([1, 3, 16], [1, 3, 8], [1, 8, 16], [1, 7],
+                                     [(24, 40), (100, 130), (576, 192), (1536, 576)]))
+
+
+@pytest.mark.parametrize("batch,k,rank,tokens,shape", KERNEL_GRID)
+def test_kernel_matches_reference(batch: int, k: int, rank: int, tokens: int, shape: tuple[int, int]) -> None:
+    """The compiled per-row kernel against the float64 loops, on small and real layer shapes (a
+    partial 64-wide output block included), with weight-0 padding and a base-only row."""
+    assert kernel.available(), "the C kernel must compile here (setup.sh installs gcc)"
+    n_in, n_out = shape
+    g = torch.Generator().manual_seed(batch * 1000 + k * 100 + rank * 10 + tokens)
+    u = max(k, 5)
+    a = torch.randn(u, rank, n_in, generator=g) / n_in ** 0.5  # (U, r, n_in)
+    b = torch.randn(u, rank, n_out, generator=g)  # (U, r, n_out)
+    x = torch.randn(batch, tokens, n_in, generator=g)  # (B, T, n_in)
+    y0 = torch.randn(batch, tokens, n_out, generator=g)  # (B, T, n_out)
+    idx = torch.stack([torch.randperm(u, generator=g)[:k] for _ in range(batch)])  # (B, K)
+    w = torch.rand(batch, k, generator=g) - 0.3  # (B, K)
+    w[0, -1] = 0.0  # padding
+    if batch > 1:
+        w[1] = 0.0  # a base-only row
+    got = kernel.bgmv(y0.clone(), x, a, b, idx, w)  # (B, T, n_out)
+    want = y0.double() + reference_mix(x.double(), a.double(), b.double(), idx, w).double()
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)
+    if batch > 1:
+        assert torch.equal(got[1], y0[1]), "a base-only row must be exactly the base"
+
+
+def test_kernel_rejects_wrong_shapes() -> None:
+    assert kernel.available()
+    op = kernel.Bgmv(torch.zeros(2, 4, 8), torch.zeros(2, 4, 6), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    with pytest.raises(ValueError, match="expected x"):
+        op(torch.zeros(3, 1, 6), torch.zeros(2, 1, 8))  # 2 rows for a 3-row batch
+    with pytest.raises(ValueError, match="float32"):
+        op(torch.zeros(3, 1, 6, dtype=torch.float64), torch.zeros(3, 1, 8))

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loramix.errors import MixError
-from loramix.mix.ops import MixPlan, build_factors
+from loramix.mix.ops import Factors, MixPlan, build_factors
 
 
 @dataclass(eq=False)
@@ -27,7 +27,7 @@ class MixBatch:
     idx: torch.Tensor | None  # (B, k) slot numbers; None when no row uses an adapter
     w: torch.Tensor | None  # (B, k) weights; 0 for padding
     plan: MixPlan | None = None  # None: no row uses an adapter (the base model alone)
-    cache: dict[int, object] = field(default_factory=dict)  # id(layer) -> Factors | None
+    cache: dict[int, Factors | None] = field(default_factory=dict)  # id(layer) -> this layer's factors
     released: bool = False
 
     @property
@@ -94,17 +94,17 @@ class MixedLoraLinear(nn.Module):
         self.lora_B[slot, :r] = (b.float() * scale).T.to(self.lora_B.dtype)  # (r, n_out)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)  # (B, T, n_out)
         batch = self.state.batch
         if batch is None or batch.plan is None:
-            return y
+            return self.base_layer(x)  # (B, T, n_out)
         if x.dim() != 3 or x.shape[0] != batch.plan.n_rows:
             raise MixError(f"input has shape {tuple(x.shape)} but the mixture was set for {batch.plan.n_rows} rows; "
                            "expected (rows, tokens, features)")
         key = id(self)
-        if key not in batch.cache:
-            batch.cache[key] = build_factors(batch.plan, self.lora_A, self.lora_B, self.ranks)
-        factors = batch.cache[key]
+        if key in batch.cache:
+            factors = batch.cache[key]
+        else:
+            factors = batch.cache[key] = build_factors(batch.plan, self.lora_A, self.lora_B, self.ranks)
         if factors is None:  # no adapter of this batch targets this layer
-            return y
-        return factors.add_to(y, x)  # type: ignore[attr-defined]  # (B, T, n_out)
+            return self.base_layer(x)  # (B, T, n_out)
+        return factors(self.base_layer, x)  # (B, T, n_out)

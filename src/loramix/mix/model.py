@@ -161,7 +161,7 @@ class MixedModel:
             per_row.append({s: v for s, v in mix.items() if v != 0.0})
         self._pins.update(ids)
         return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device),
-                        plan=make_plan(per_row, device))
+                        plan=make_plan(per_row, device, fold_after=self.cfg.fold_after, kernel=self.cfg.kernel))
 
     def release(self, batch: MixBatch) -> None:
         """Unpin a batch's adapters (idempotent); they stay loaded until evicted."""

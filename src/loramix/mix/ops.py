@@ -13,7 +13,9 @@ composition how the batch is computed, and :func:`build_factors` copies each lay
 batch's adapters (true rank only) into small contiguous tensors, once per batch and layer:
 
 - ``same``: every row has the same mixture: one pair of plain matmuls on ``(B*T, n)`` with the
-  mixture's stacked factors, the weights folded into ``B``.
+  mixture's stacked factors, the weights folded into ``B``; once the batch has made ``fold_after``
+  calls (it is decoding, so it will make many more) the mixture's delta is folded into a copy of the
+  layer's weight and every later call is the base layer's single matmul against ``W + delta``.
 - ``rows``: rows differ: either ``dense`` (one matmul against the batch's U distinct adapters,
   a per-row weight mask, one matmul back; reads each adapter once per call, best for decode) or
   ``gather`` (each row's own k adapters, weights folded into B, two batched matmuls; fewer flops,
@@ -28,8 +30,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-DENSE_READ_COST = 8.0  # reading one adapter weight costs about this many multiply-adds (CPU, measured)
+from loramix.mix import kernel
+
+DENSE_READ_COST = 16.0  # reading one adapter weight costs about this many multiply-adds (CPU, measured end to end)
+KERNEL_MAX_TOKENS = 8  # calls with at most this many tokens per row (decode) take the compiled kernel
 GATHER_CACHE_RATIO = 4  # keep a layer's per-row gathered factors only up to this many times the distinct ones
 
 
@@ -42,6 +48,8 @@ class MixPlan:
     wu: torch.Tensor  # (B, U) float32: each row's weight on each distinct adapter, 0 where unused
     uidx: torch.Tensor  # (B, K) long: each row's adapters as positions in ``slots`` (padding: 0)
     gw: torch.Tensor  # (B, K) float32: their weights (padding: 0)
+    fold_after: int = 0  # ``same`` plans: fold the delta into the weight after this many calls (0: never)
+    kernel: bool = False  # ``rows`` plans: use the compiled kernel (loramix.mix.kernel) for decode calls
 
     @property
     def n_rows(self) -> int:
@@ -59,9 +67,10 @@ def dense_is_cheaper(nb: int, nt: int, u: int, k: int) -> bool:
     return u * (nb * nt + DENSE_READ_COST) <= k * nb * (nt + DENSE_READ_COST)
 
 
-def make_plan(rows: list[dict[int, float]], device: torch.device | None = None) -> MixPlan | None:
+def make_plan(rows: list[dict[int, float]], device: torch.device | None = None, fold_after: int = 0,
+              kernel: bool = False) -> MixPlan | None:
     """The plan for a batch whose row ``b`` mixes slots ``rows[b]`` ({slot: weight}, weights != 0).
-    None when no row uses an adapter (the base model alone)."""
+    None when no row uses an adapter (the base model alone). ``fold_after``, ``kernel``: see :class:`MixPlan`."""
     slots = tuple(dict.fromkeys(s for row in rows for s in row))
     if not slots:
         return None
@@ -75,7 +84,7 @@ def make_plan(rows: list[dict[int, float]], device: torch.device | None = None) 
             wu[i, pos[s]], uidx[i, j], gw[i, j] = w, pos[s], w
     same = all(row == rows[0] for row in rows)
     return MixPlan(kind="same" if same else "rows", slots=slots, wu=wu.to(device), uidx=uidx.to(device),
-                   gw=gw.to(device))
+                   gw=gw.to(device), fold_after=fold_after, kernel=kernel)
 
 
 @dataclass(eq=False)
@@ -95,6 +104,26 @@ class Factors:
     gw: torch.Tensor  # (B, K) their weights
     _by_dtype: dict[torch.dtype, Factors] = field(default_factory=dict)
     _gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, K*r, n_in), (B, K*r, n_out) weights folded
+    calls: int = 0  # calls made with these factors (``same`` plans fold after ``plan.fold_after``)
+    folded: torch.Tensor | None = None  # (n_out, n_in) W + the mixture's delta, once folded
+    _bgmv: kernel.Bgmv | None = None  # the compiled kernel's view of these factors (rows plans, decode)
+
+    def __call__(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        """The injected layer's output for this batch: ``base(x) + mixture(x)``; x: (B, T, n_in)."""
+        if self.folded is not None:
+            return F.linear(x, self.folded, base.bias)  # (B, T, n_out)
+        self.calls += 1
+        if self.w is None and 0 < self.plan.fold_after < self.calls:
+            self.folded = self.fold(base.weight)
+            return F.linear(x, self.folded, base.bias)  # (B, T, n_out)
+        return self.add_to(base(x), x)  # (B, T, n_out)
+
+    def fold(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + sum_j w_j B_j A_j`` for a ``same`` plan: (n_out, n_in), a new tensor (W is untouched)."""
+        u, r, n_out = self.b.shape
+        a = self.a.reshape(u * r, -1).float()  # (U*r, n_in)
+        b = self.b.reshape(u * r, n_out).float()  # (U*r, n_out) weights and scale already in
+        return torch.addmm(weight.float(), b.T, a).to(weight.dtype)  # (n_out, n_in)
 
     def gathered(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's own adapters: A (B, K*r, n_in) and weight-folded B (B, K*r, n_out); kept when small."""
@@ -121,12 +150,17 @@ class Factors:
     def add_to(self, y: torch.Tensor, x: torch.Tensor, dense: bool | None = None) -> torch.Tensor:
         """``y += mixture(x)`` in place and return ``y``; x: (B, T, n_in), y: (B, T, n_out).
 
-        ``dense`` forces the form of a ``rows`` plan (tests); None lets the plan choose.
+        ``dense`` forces the torch form of a ``rows`` plan (tests); None lets the plan choose.
         """
         f = self.to(y.dtype)
         nb, nt, n_in = x.shape
         u, r, n_out = f.b.shape
         y2 = y.view(nb * nt, n_out)  # (B*T, n_out)
+        if (f.w is not None and dense is None and self.plan.kernel and nt <= KERNEL_MAX_TOKENS
+                and y.dtype == torch.float32 and y.device.type == "cpu" and kernel.available()):
+            if self._bgmv is None:
+                self._bgmv = kernel.Bgmv(f.a, f.b, self.uidx, self.gw)
+            return self._bgmv(y, x)  # each row against its own adapters, read in place
         if f.w is None:  # same mixture on every row: weights already in b
             h = F.linear(x.reshape(nb * nt, n_in), f.a.view(u * r, n_in))  # (B*T, U*r)
             y2.addmm_(h.to(y.dtype), f.b.view(u * r, n_out))

@@ -1,0 +1,200 @@
+"""A small C kernel for the per-row mixture when rows differ: each row against its own adapters.
+
+The eager forms of a ``rows`` plan (see :mod:`loramix.mix.ops`) either multiply every row by every
+distinct adapter of the batch and mask (``dense``: U/K times the needed multiply-adds) or copy each
+row's adapters into per-row tensors and use ``bmm`` (``gather``: K copies of every adapter streamed
+from memory per call). In decode, with a handful of tokens per row, both cost more than the
+arithmetic. This kernel (Punica's BGMV, written for a CPU) reads each row's adapters in place from
+the batch's factors, ``h = x @ A_j.T`` then ``y += w_j * h @ B_j``, a row per thread: the minimum
+multiply-adds, and each layer's adapters stay in cache across rows.
+
+It is plain C compiled once with the system's C compiler into ``<cache>/kernels`` (on first use,
+never at import) and called through ``ctypes`` with raw pointers. Where no compiler works, or for a
+dtype other than float32, :func:`available` is False and the mixer keeps its torch forms; tests
+check the kernel against the float64 reference over the shape grid.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from loramix.config import cache_dir
+
+__all__ = ["Bgmv", "available", "bgmv"]
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <string.h>
+typedef float v16 __attribute__((vector_size(64)));   /* 16 floats: one AVX-512 register, two AVX ones */
+
+static inline v16 ld(const float *p) { v16 v; memcpy(&v, p, sizeof v); return v; }
+static inline void st(float *p, v16 v) { memcpy(p, &v, sizeof v); }
+
+static float dot(const float *x, const float *a, int64_t n)
+{
+    v16 s0 = {0}, s1 = {0};
+    int64_t m = 0;
+    for (; m + 32 <= n; m += 32) { s0 += ld(x + m) * ld(a + m); s1 += ld(x + m + 16) * ld(a + m + 16); }
+    s0 += s1;
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += s0[l];
+    for (; m < n; m++) s += x[m] * a[m];
+    return s;
+}
+
+/* y[q] += sum_{j, c} w[i, j] * (x[q] . A[idx[i, j], c]) * B[idx[i, j], c]     q = (row i, token t), c < r
+   x: (n_rows, n_tok, n_in); a: (U, r, n_in); b: (U, r, n_out); idx, w: (n_rows, k); y: (n_rows, n_tok, n_out);
+   h: scratch (n_rows * n_tok, k * r).
+   Phase 1 goes adapter by adapter, so each A row is read once for all the rows that use it; phase 2
+   goes 64 outputs at a time, so that block of every adapter's B stays in L1 while all rows use it. */
+void loramix_bgmv(const float *x, int64_t n_rows, int64_t n_tok, int64_t n_in,
+                  const float *a, const float *b, int64_t u_n, int64_t r, int64_t n_out,
+                  const int64_t *idx, const float *w, int64_t k, float *y, float *h, int n_threads)
+{
+    int64_t kr = k * r, n_blocks = (n_out + 63) / 64;
+    #pragma omp parallel num_threads(n_threads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t u = 0; u < u_n; u++)
+            for (int64_t i = 0; i < n_rows; i++)
+                for (int64_t j = 0; j < k; j++) {
+                    float wj = w[i * k + j];
+                    if (idx[i * k + j] != u || wj == 0.0f) continue;
+                    for (int64_t t = 0; t < n_tok; t++) {
+                        int64_t q = i * n_tok + t;
+                        for (int64_t c = 0; c < r; c++)
+                            h[q * kr + j * r + c] = wj * dot(x + q * n_in, a + (u * r + c) * n_in, n_in);
+                    }
+                }
+        #pragma omp for schedule(static)
+        for (int64_t blk = 0; blk < n_blocks; blk++) {
+            int64_t m0 = blk * 64;
+            for (int64_t i = 0; i < n_rows; i++)
+                for (int64_t t = 0; t < n_tok; t++) {
+                    int64_t q = i * n_tok + t;
+                    float *yq = y + q * n_out + m0;
+                    if (m0 + 64 <= n_out) {
+                        v16 y0 = ld(yq), y1 = ld(yq + 16), y2 = ld(yq + 32), y3 = ld(yq + 48);
+                        for (int64_t j = 0; j < k; j++) {
+                            if (w[i * k + j] == 0.0f) continue;
+                            const float *bj = b + idx[i * k + j] * r * n_out + m0;
+                            for (int64_t c = 0; c < r; c++) {
+                                const float *bp = bj + c * n_out;
+                                v16 hp = {0}; hp += h[q * kr + j * r + c];
+                                y0 += hp * ld(bp); y1 += hp * ld(bp + 16); y2 += hp * ld(bp + 32); y3 += hp * ld(bp + 48);
+                            }
+                        }
+                        st(yq, y0); st(yq + 16, y1); st(yq + 32, y2); st(yq + 48, y3);
+                    } else {
+                        for (int64_t j = 0; j < k; j++) {
+                            if (w[i * k + j] == 0.0f) continue;
+                            const float *bj = b + idx[i * k + j] * r * n_out + m0;
+                            for (int64_t c = 0; c < r; c++)
+                                for (int64_t m = 0; m < n_out - m0; m++) yq[m] += h[q * kr + j * r + c] * bj[c * n_out + m];
+                        }
+                    }
+                }
+        }
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _compile() -> ctypes.CDLL | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("no C compiler found: the mixer uses its torch forms")
+        return None
+    key = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, platform.machine(), platform.processor()]).encode()).hexdigest()
+    target = cache_dir() / "kernels" / f"bgmv-{key[:16]}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            src, out = Path(tmp) / "bgmv.c", Path(tmp) / "bgmv.so"
+            src.write_text(_SOURCE)
+            proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                log.warning("compiling the mixer kernel failed (the mixer uses its torch forms): %s",
+                            proc.stderr.strip()[-500:])
+                return None
+            os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
+    lib = ctypes.CDLL(str(target))
+    fn = lib.loramix_bgmv
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, p, p, ctypes.c_int]
+    fn.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel can be used (compiles it on the first call)."""
+    global _lib, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                try:
+                    _lib = _compile()
+                except OSError as e:  # an unwritable cache, a broken compiler install
+                    log.warning("the mixer kernel is unavailable (%s): the mixer uses its torch forms", e)
+                    _lib = None
+                _tried = True
+    return _lib is not None
+
+
+class Bgmv:
+    """One batch's per-row mixture for one layer, ready for the kernel: the factors and the row
+    mapping are fixed while the batch lives, so their pointers are taken once, not on every call.
+
+    a: (U, r, n_in) and b: (U, r, n_out) float32 on the CPU; idx: (B, K) positions in a/b;
+    w: (B, K) weights (0: unused). Call :func:`available` first.
+    """
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+        assert _lib is not None, "call kernel.available() first"
+        self.a, self.b = a.contiguous(), b.contiguous()
+        self.idx, self.w = idx.to(torch.int64).contiguous(), w.to(torch.float32).contiguous()
+        (self.nb, self.k), (self.u, self.r, self.n_out) = self.idx.shape, self.b.shape
+        self.n_in = self.a.shape[2]
+        self._args = (self.a.data_ptr(), self.b.data_ptr(), self.u, self.r, self.n_out,
+                      self.idx.data_ptr(), self.w.data_ptr(), self.k)
+        self._h = torch.empty(0, dtype=torch.float32)  # (B*T, K*r) scratch, grown on demand
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``y[i] += sum_j w[i, j] * x[i] @ a[idx[i, j]].T @ b[idx[i, j]]`` in place; returns ``y``.
+        y: (B, T, n_out) contiguous float32; x: (B, T, n_in) float32."""
+        nb, nt, n_in = x.shape
+        if not (y.is_contiguous() and y.dtype == torch.float32 and y.shape == (self.nb, nt, self.n_out)
+                and nb == self.nb and n_in == self.n_in and x.dtype == torch.float32):
+            raise ValueError(f"expected x {(self.nb, nt, self.n_in)} and contiguous y {(self.nb, nt, self.n_out)}, "
+                             f"float32; got {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}")
+        x = x.contiguous()
+        if self._h.numel() < nb * nt * self.k * self.r:
+            self._h = torch.empty(nb * nt * self.k * self.r, dtype=torch.float32)
+        assert _lib is not None
+        _lib.loramix_bgmv(x.data_ptr(), nb, nt, n_in, *self._args, y.data_ptr(), self._h.data_ptr(),
+                          torch.get_num_threads())
+        return y
+
+
+def bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor,
+         w: torch.Tensor) -> torch.Tensor:
+    """One-shot :class:`Bgmv`: ``y[i] += sum_j w[i, j] * x[i] @ a[idx[i, j]].T @ b[idx[i, j]]``."""
+    return Bgmv(a, b, idx, w)(y, x)
