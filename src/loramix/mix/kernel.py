@@ -118,12 +118,23 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+def _cpu_flags() -> str:
+    """The CPU's feature flags: a library built with -march=native is only reused on a like CPU."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def _compile() -> ctypes.CDLL | None:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if cc is None:
         log.info("no C compiler found: the mixer uses its torch forms")
         return None
-    key = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, platform.machine(), platform.processor()]).encode()).hexdigest()
+    key = hashlib.sha256("\0".join([_SOURCE, cc, *_FLAGS, platform.machine(), _cpu_flags()]).encode()).hexdigest()
     target = cache_dir() / "kernels" / f"bgmv-{key[:16]}.so"
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -35,7 +35,7 @@ from torch import nn
 from loramix.mix import kernel
 
 DENSE_READ_COST = 16.0  # reading one adapter weight costs about this many multiply-adds (CPU, measured end to end)
-KERNEL_MAX_TOKENS = 8  # calls with at most this many tokens per row (decode) take the compiled kernel
+KERNEL_MAX_TOKENS = 4  # calls with at most this many tokens per row (decode) take the compiled kernel (measured: it's level with bmm at 4, behind at 8)
 GATHER_CACHE_RATIO = 4  # keep a layer's per-row gathered factors only up to this many times the distinct ones
 
 
