@@ -170,3 +170,33 @@ def test_same_mixture_decode_folds_and_matches_old_path(tiny_base: BaseModel, fo
         assert torch.allclose(a, b, atol=1e-4, rtol=0)
     for n, p in tiny_base.model.named_parameters():
         assert torch.equal(p, weights[n.replace(".base_layer", "")]), n
+
+
+def test_kernel_stays_out_of_autograd(tiny_base: BaseModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With gradients on, differing rows take the torch forms (the kernel writes outside autograd):
+    gradients flow and the logits equal the kernel's."""
+    adapters = {n: random_lora(tiny_base, seed=i, std=0.2) for i, n in enumerate("ab")}
+    mm = MixedModel(tiny_base, adapters.__getitem__, MixConfig(capacity=4, max_rank=8))
+    ids = torch.randint(5, tiny_base.model.config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(3))
+    rows = [[("a", 1.0)], [("b", 0.5), ("a", 0.5)]]
+    calls = [0]
+    real = kernel.Bgmv.__call__
+
+    def counted(self: kernel.Bgmv, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        return real(self, y, x)
+
+    monkeypatch.setattr(kernel.Bgmv, "__call__", counted)
+    batch = mm.prepare(rows)
+    with torch.inference_mode():
+        fast = mm.forward(batch, input_ids=ids).logits
+    assert calls[0] > 0
+    calls[0] = 0
+    emb = tiny_base.model.get_input_embeddings()(ids).detach().requires_grad_()  # (B, 1, d)
+    with torch.enable_grad():
+        slow = mm.forward(batch, inputs_embeds=emb).logits
+        slow.sum().backward()
+    mm.release(batch)
+    assert calls[0] == 0
+    assert emb.grad is not None and emb.grad.abs().sum() > 0
+    assert torch.allclose(fast, slow.detach(), atol=1e-5)

@@ -157,7 +157,8 @@ class Factors:
         u, r, n_out = f.b.shape
         y2 = y.view(nb * nt, n_out)  # (B*T, n_out)
         if (f.w is not None and dense is None and self.plan.kernel and nt <= KERNEL_MAX_TOKENS
-                and y.dtype == torch.float32 and y.device.type == "cpu" and kernel.available()):
+                and y.dtype == torch.float32 and y.device.type == "cpu" and not (x.requires_grad or y.requires_grad)
+                and kernel.available()):  # the kernel writes y in place, outside autograd
             if self._bgmv is None:
                 self._bgmv = kernel.Bgmv(f.a, f.b, self.uidx, self.gw)
             return self._bgmv(y, x)  # each row against its own adapters, read in place
