@@ -156,7 +156,7 @@ def test_same_mixture_decode_folds_and_matches_old_path(tiny_base: BaseModel, fo
                 logits = mm.forward(batch, input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]  # (B, V)
                 seen.append(logits.clone())
                 step = logits.argmax(-1, keepdim=True)  # (B, 1)
-        folded = sum(f is not None and f.folded is not None for f in batch.cache.values())
+        folded = len(batch.plan.folds or {}) if batch.plan is not None else 0
         mm.release(batch)
         return torch.stack([s.argmax(-1) for s in seen], 1), seen, folded
 
@@ -202,3 +202,29 @@ def test_kernel_stays_out_of_autograd(tiny_base: BaseModel, monkeypatch: pytest.
     assert calls[0] == 0
     assert emb.grad is not None and emb.grad.abs().sum() > 0
     assert torch.allclose(fast, slow.detach(), atol=1e-5)
+
+
+def test_folded_weights_carry_over_to_the_next_batch_with_the_same_mixture(tiny_base: BaseModel) -> None:
+    adapters = {n: random_lora(tiny_base, seed=i, std=0.2) for i, n in enumerate("abc")}
+    mm = MixedModel(tiny_base, adapters.__getitem__, MixConfig(capacity=4, max_rank=8, fold_after=2))
+    ids = torch.randint(5, tiny_base.model.config.vocab_size, (3, 1), generator=torch.Generator().manual_seed(4))
+    mix = [("a", 0.7), ("b", 0.3)]
+    with torch.inference_mode():
+        first = mm.prepare([mix] * 3)
+        for _ in range(3):
+            mm.forward(first, input_ids=ids)
+        assert first.plan is not None and first.plan.folds
+        mm.release(first)
+        joined = mm.prepare([list(reversed(mix))] * 2)  # a row left; the same mixture, named in another order
+        assert joined.plan is not None and joined.plan.folds is first.plan.folds
+        got = mm.forward(joined, input_ids=ids[:2]).logits  # folded from the first call
+        mm.release(joined)
+        other = mm.prepare([[("c", 1.0)]])
+        assert other.plan is not None and other.plan.folds is not first.plan.folds and not other.plan.folds
+        mm.release(other)
+    mm.cfg.fold_after = 0
+    with torch.inference_mode():
+        plain = mm.prepare([mix] * 2)
+        want = mm.forward(plain, input_ids=ids[:2]).logits
+        mm.release(plain)
+    assert torch.allclose(got, want, atol=1e-4)

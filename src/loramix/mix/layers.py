@@ -104,7 +104,7 @@ class MixedLoraLinear(nn.Module):
         if key in batch.cache:
             factors = batch.cache[key]
         else:
-            factors = batch.cache[key] = build_factors(batch.plan, self.lora_A, self.lora_B, self.ranks)
+            factors = batch.cache[key] = build_factors(batch.plan, self.lora_A, self.lora_B, self.ranks, key)
         if factors is None:  # no adapter of this batch targets this layer
             return self.base_layer(x)  # (B, T, n_out)
         return factors(self.base_layer, x)  # (B, T, n_out)

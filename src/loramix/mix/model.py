@@ -43,6 +43,8 @@ class MixedModel:
         self._modules = dict(self.model.named_modules())
         self._pins: Counter[str] = Counter()  # adapter id -> live batches using it (never evicted while > 0)
         self._legacy: MixBatch | None = None  # the batch set by set_mixture / mixture()
+        # the last shared mixture's folded weights, kept for the next batch with that mixture
+        self._folds: tuple[tuple[tuple[str, float], ...], dict[int, torch.Tensor]] | None = None
         self.loads = 0  # adapters loaded from the library so far (for tests and metrics)
         self.hits = 0  # adapters asked for that were already in a slot
         self.evictions = 0  # adapters pushed out of a slot to make room
@@ -120,6 +122,8 @@ class MixedModel:
     def evict(self, adapter_id: str) -> None:
         """Forget a loaded adapter (e.g. after it was removed from the library); a pinned one is
         forgotten once its batches are released."""
+        if self._folds is not None and any(aid == adapter_id for aid, _ in self._folds[0]):
+            self._folds = None  # batches alive keep their own reference
         if not self._pins.get(adapter_id):
             self._slot_of.pop(adapter_id, None)
 
@@ -152,16 +156,25 @@ class MixedModel:
                 if weight != 0.0:
                     idx[i, j], w[i, j] = slots[aid], weight
         device = next(self.model.parameters()).device
-        per_row: list[dict[int, float]] = []
-        for row in frozen:  # {slot: summed weight}, an adapter named twice in a row counts once
-            mix: dict[int, float] = {}
-            for aid, weight in row:
-                if weight != 0.0:
-                    mix[slots[aid]] = mix.get(slots[aid], 0.0) + weight
-            per_row.append({s: v for s, v in mix.items() if v != 0.0})
+        # {slot: summed weight} per row: an adapter named twice in a row counts once
+        per_row = [{slots[aid]: v for aid, v in self._summed(row).items()} for row in frozen]
         self._pins.update(ids)
-        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device),
-                        plan=make_plan(per_row, device, fold_after=self.cfg.fold_after, kernel=self.cfg.kernel))
+        plan = make_plan(per_row, device, fold_after=self.cfg.fold_after, kernel=self.cfg.kernel)
+        if plan is not None and plan.kind == "same" and self.cfg.fold_after > 0:
+            mix_key = tuple(sorted((aid, w) for aid, w in self._summed(frozen[0]).items()))
+            if self._folds is None or self._folds[0] != mix_key:
+                self._folds = (mix_key, {})
+            plan.folds = self._folds[1]
+        return MixBatch(rows=frozen, ids=tuple(ids), idx=idx.to(device), w=w.to(device), plan=plan)
+
+    @staticmethod
+    def _summed(row: tuple[tuple[str, float], ...]) -> dict[str, float]:
+        """{adapter id: summed weight} of one row, without zero weights."""
+        mix: dict[str, float] = {}
+        for aid, weight in row:
+            if weight != 0.0:
+                mix[aid] = mix.get(aid, 0.0) + weight
+        return {aid: v for aid, v in mix.items() if v != 0.0}
 
     def release(self, batch: MixBatch) -> None:
         """Unpin a batch's adapters (idempotent); they stay loaded until evicted."""
@@ -226,3 +239,4 @@ class MixedModel:
         self._layers.clear()
         self._slot_of.clear()
         self._pins.clear()
+        self._folds = None

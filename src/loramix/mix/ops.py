@@ -50,6 +50,9 @@ class MixPlan:
     gw: torch.Tensor  # (B, K) float32: their weights (padding: 0)
     fold_after: int = 0  # ``same`` plans: fold the delta into the weight after this many calls (0: never)
     kernel: bool = False  # ``rows`` plans: use the compiled kernel (loramix.mix.kernel) for decode calls
+    # ``same`` plans: each layer's folded weight (W + delta) by layer key, shared by every batch with this
+    # mixture (rows joining and leaving keep it); None: never fold
+    folds: dict[int, torch.Tensor] | None = None
 
     @property
     def n_rows(self) -> int:
@@ -104,18 +107,24 @@ class Factors:
     gw: torch.Tensor  # (B, K) their weights
     _by_dtype: dict[torch.dtype, Factors] = field(default_factory=dict)
     _gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, K*r, n_in), (B, K*r, n_out) weights folded
+    key: int = 0  # the layer's key in ``plan.folds``
     calls: int = 0  # calls made with these factors (``same`` plans fold after ``plan.fold_after``)
-    folded: torch.Tensor | None = None  # (n_out, n_in) W + the mixture's delta, once folded
     _bgmv: kernel.Bgmv | None = None  # the compiled kernel's view of these factors (rows plans, decode)
 
     def __call__(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        """The injected layer's output for this batch: ``base(x) + mixture(x)``; x: (B, T, n_in)."""
-        if self.folded is not None:
-            return F.linear(x, self.folded, base.bias)  # (B, T, n_out)
+        """The injected layer's output for this batch: ``base(x) + mixture(x)``; x: (B, T, n_in).
+
+        A ``same`` plan's folded weight is made and used under inference mode only (it is an
+        inference tensor that autograd could not use)."""
+        folds = self.plan.folds if torch.is_inference_mode_enabled() else None
+        if folds is not None:
+            wf = folds.get(self.key)
+            if wf is not None:
+                return F.linear(x, wf, base.bias)  # (B, T, n_out)
         self.calls += 1
-        if self.w is None and 0 < self.plan.fold_after < self.calls:
-            self.folded = self.fold(base.weight)
-            return F.linear(x, self.folded, base.bias)  # (B, T, n_out)
+        if folds is not None and self.w is None and 0 < self.plan.fold_after < self.calls:
+            wf = folds[self.key] = self.fold(base.weight)  # (n_out, n_in)
+            return F.linear(x, wf, base.bias)  # (B, T, n_out)
         return self.add_to(base(x), x)  # (B, T, n_out)
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:
@@ -176,8 +185,10 @@ class Factors:
         return y
 
 
-def build_factors(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int]) -> Factors | None:
+def build_factors(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int],
+                  key: int = 0) -> Factors | None:
     """Copy this layer's share of the plan's adapters out of the slots; None when none targets it.
+    ``key`` names the layer in ``plan.folds``.
 
     lora_a: (S, R, n_in); lora_b: (S, R, n_out) (B transposed, scaled); ranks: true rank per slot (0: absent).
     """
@@ -197,9 +208,9 @@ def build_factors(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ran
     gw = torch.where(keep[plan.uidx], plan.gw, torch.zeros_like(plan.gw))  # (B, K)
     if plan.kind == "same":
         b = (b.float() * wu[0, :, None, None]).to(b.dtype)  # (U, r, n_out) weights folded in
-        return Factors(plan, a, b, None, uidx, gw)
+        return Factors(plan, a, b, None, uidx, gw, key=key)
     w = wu.repeat_interleave(r, dim=1).unsqueeze(1).to(a.dtype)  # (B, 1, U*r)
-    return Factors(plan, a, b, w, uidx, gw)
+    return Factors(plan, a, b, w, uidx, gw, key=key)
 
 
 def mixed_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
