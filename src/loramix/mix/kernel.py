@@ -56,16 +56,25 @@ static float dot(const float *x, const float *a, int64_t n)
 }
 
 /* y[q] += sum_{j, c} w[i, j] * (x[q] . A[idx[i, j], c]) * B[idx[i, j], c]     q = (row i, token t), c < r
-   x: (n_rows, n_tok, n_in); a: (U, r, n_in); b: (U, r, n_out); idx, w: (n_rows, k); y: (n_rows, n_tok, n_out);
-   h: scratch (n_rows * n_tok, k * r).
+   x: (n_rows, n_tok, n_in); y: (n_rows, n_tok, n_out); the rest in struct batch.
    Phase 1 goes adapter by adapter, so each A row is read once for all the rows that use it; phase 2
    goes 64 outputs at a time, so that block of every adapter's B stays in L1 while all rows use it. */
-void loramix_bgmv(const float *x, int64_t n_rows, int64_t n_tok, int64_t n_in,
-                  const float *a, const float *b, int64_t u_n, int64_t r, int64_t n_out,
-                  const int64_t *idx, const float *w, int64_t k, float *y, float *h, int n_threads)
+struct batch {                /* fixed while a batch lives: filled once on the Python side */
+    const float *a, *b;       /* (U, r, n_in), (U, r, n_out) */
+    int64_t u_n, r, n_out, n_in, n_rows, k;
+    const int64_t *idx;       /* (n_rows, k) */
+    const float *w;           /* (n_rows, k) */
+    float *h;                 /* scratch: (n_rows * n_tok, k * r) */
+};
+
+void loramix_bgmv(const struct batch *p, const float *x, float *y, int64_t n_tok, int n_threads)
 {
+    const float *a = p->a, *b = p->b, *w = p->w;
+    const int64_t *idx = p->idx;
+    float *h = p->h;
+    int64_t u_n = p->u_n, r = p->r, n_out = p->n_out, n_in = p->n_in, n_rows = p->n_rows, k = p->k;
     int64_t kr = k * r, n_blocks = (n_out + 63) / 64;
-    #pragma omp parallel num_threads(n_threads)
+    #pragma omp parallel num_threads(n_threads) if(n_threads > 1)
     {
         #pragma omp for schedule(dynamic, 1)
         for (int64_t u = 0; u < u_n; u++)
@@ -149,8 +158,7 @@ def _compile() -> ctypes.CDLL | None:
             os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
     lib = ctypes.CDLL(str(target))
     fn = lib.loramix_bgmv
-    p, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [p, i64, i64, i64, p, p, i64, i64, i64, p, p, i64, p, p, ctypes.c_int]
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     fn.restype = None
     return lib
 
@@ -170,6 +178,12 @@ def available() -> bool:
     return _lib is not None
 
 
+class _Batch(ctypes.Structure):  # struct batch in the C source
+    _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("u_n", ctypes.c_int64), ("r", ctypes.c_int64),
+                ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64), ("n_rows", ctypes.c_int64), ("k", ctypes.c_int64),
+                ("idx", ctypes.c_void_p), ("w", ctypes.c_void_p), ("h", ctypes.c_void_p)]
+
+
 class Bgmv:
     """One batch's per-row mixture for one layer, ready for the kernel: the factors and the row
     mapping are fixed while the batch lives, so their pointers are taken once, not on every call.
@@ -184,9 +198,10 @@ class Bgmv:
         self.idx, self.w = idx.to(torch.int64).contiguous(), w.to(torch.float32).contiguous()
         (self.nb, self.k), (self.u, self.r, self.n_out) = self.idx.shape, self.b.shape
         self.n_in = self.a.shape[2]
-        self._args = (self.a.data_ptr(), self.b.data_ptr(), self.u, self.r, self.n_out,
-                      self.idx.data_ptr(), self.w.data_ptr(), self.k)
-        self._h = torch.empty(0, dtype=torch.float32)  # (B*T, K*r) scratch, grown on demand
+        self._h = torch.empty(self.nb * self.k * self.r, dtype=torch.float32)  # (B*T, K*r) scratch, grown on demand
+        self._batch = _Batch(self.a.data_ptr(), self.b.data_ptr(), self.u, self.r, self.n_out, self.n_in, self.nb,
+                             self.k, self.idx.data_ptr(), self.w.data_ptr(), self._h.data_ptr())
+        self._ref = ctypes.byref(self._batch)
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``y[i] += sum_j w[i, j] * x[i] @ a[idx[i, j]].T @ b[idx[i, j]]`` in place; returns ``y``.
@@ -196,12 +211,17 @@ class Bgmv:
                 and nb == self.nb and n_in == self.n_in and x.dtype == torch.float32):
             raise ValueError(f"expected x {(self.nb, nt, self.n_in)} and contiguous y {(self.nb, nt, self.n_out)}, "
                              f"float32; got {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}")
+        return self.run(y, x)
+
+    def run(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`__call__` without the checks, for a caller that guarantees them (the mixer's layers)."""
+        nb, nt, _ = x.shape
         x = x.contiguous()
         if self._h.numel() < nb * nt * self.k * self.r:
             self._h = torch.empty(nb * nt * self.k * self.r, dtype=torch.float32)
+            self._batch.h = self._h.data_ptr()
         assert _lib is not None
-        _lib.loramix_bgmv(x.data_ptr(), nb, nt, n_in, *self._args, y.data_ptr(), self._h.data_ptr(),
-                          torch.get_num_threads())
+        _lib.loramix_bgmv(self._ref, x.data_ptr(), y.data_ptr(), nt, torch.get_num_threads())
         return y
 
 

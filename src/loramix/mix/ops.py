@@ -111,11 +111,22 @@ class Factors:
     calls: int = 0  # calls made with these factors (``same`` plans fold after ``plan.fold_after``)
     _bgmv: kernel.Bgmv | None = None  # the compiled kernel's view of these factors (rows plans, decode)
 
+    def __post_init__(self) -> None:
+        if (self.w is not None and self.plan.kernel and self.a.dtype == torch.float32 and self.a.device.type == "cpu"
+                and kernel.available()):
+            self._bgmv = kernel.Bgmv(self.a, self.b, self.uidx, self.gw)
+
     def __call__(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """The injected layer's output for this batch: ``base(x) + mixture(x)``; x: (B, T, n_in).
 
         A ``same`` plan's folded weight is made and used under inference mode only (it is an
         inference tensor that autograd could not use)."""
+        fast = self._bgmv
+        if fast is not None and x.shape[1] <= KERNEL_MAX_TOKENS:  # rows differ, decode: the compiled kernel
+            y = base(x)  # (B, T, n_out)
+            if y.dtype == torch.float32 and not (x.requires_grad or y.requires_grad):  # it writes outside autograd
+                return fast.run(y, x)
+            return self.add_to(y, x)
         folds = self.plan.folds if torch.is_inference_mode_enabled() else None
         if folds is not None:
             wf = folds.get(self.key)
@@ -165,12 +176,6 @@ class Factors:
         nb, nt, n_in = x.shape
         u, r, n_out = f.b.shape
         y2 = y.view(nb * nt, n_out)  # (B*T, n_out)
-        if (f.w is not None and dense is None and self.plan.kernel and nt <= KERNEL_MAX_TOKENS
-                and y.dtype == torch.float32 and y.device.type == "cpu" and not (x.requires_grad or y.requires_grad)
-                and kernel.available()):  # the kernel writes y in place, outside autograd
-            if self._bgmv is None:
-                self._bgmv = kernel.Bgmv(f.a, f.b, self.uidx, self.gw)
-            return self._bgmv(y, x)  # each row against its own adapters, read in place
         if f.w is None:  # same mixture on every row: weights already in b
             h = F.linear(x.reshape(nb * nt, n_in), f.a.view(u * r, n_in))  # (B*T, U*r)
             y2.addmm_(h.to(y.dtype), f.b.view(u * r, n_out))
