@@ -58,9 +58,10 @@ static float dot(const float *x, const float *a, int64_t n)
 /* y[q] += sum_{j, c} w[i, j] * (x[q] . A[idx[i, j], c]) * B[idx[i, j], c]     q = (row i, token t), c < r
    x: (n_rows, n_tok, n_in); y: (n_rows, n_tok, n_out); the rest in struct batch.
    Phase 1 goes adapter by adapter, so each A row is read once for all the rows that use it; phase 2
-   goes 64 outputs at a time, so that block of every adapter's B stays in L1 while all rows use it. */
+   goes 64 outputs at a time, B laid out (U, n_out / 64, r, 64) so that an adapter's share of a block
+   is one contiguous run, read once from memory and then from L1 by every row that uses it. */
 struct batch {                /* fixed while a batch lives: filled once on the Python side */
-    const float *a, *b;       /* (U, r, n_in), (U, r, n_out) */
+    const float *a, *b;       /* (U, r, n_in), (U, ceil(n_out / 64), r, 64) zero-padded */
     int64_t u_n, r, n_out, n_in, n_rows, k;
     const int64_t *idx;       /* (n_rows, k) */
     const float *w;           /* (n_rows, k) */
@@ -90,31 +91,24 @@ void loramix_bgmv(const struct batch *p, const float *x, float *y, int64_t n_tok
                 }
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_blocks; blk++) {
-            int64_t m0 = blk * 64;
+            int64_t m0 = blk * 64, width = n_out - m0 < 64 ? n_out - m0 : 64;
             for (int64_t i = 0; i < n_rows; i++)
                 for (int64_t t = 0; t < n_tok; t++) {
                     int64_t q = i * n_tok + t;
-                    float *yq = y + q * n_out + m0;
-                    if (m0 + 64 <= n_out) {
-                        v16 y0 = ld(yq), y1 = ld(yq + 16), y2 = ld(yq + 32), y3 = ld(yq + 48);
-                        for (int64_t j = 0; j < k; j++) {
-                            if (w[i * k + j] == 0.0f) continue;
-                            const float *bj = b + idx[i * k + j] * r * n_out + m0;
-                            for (int64_t c = 0; c < r; c++) {
-                                const float *bp = bj + c * n_out;
-                                v16 hp = {0}; hp += h[q * kr + j * r + c];
-                                y0 += hp * ld(bp); y1 += hp * ld(bp + 16); y2 += hp * ld(bp + 32); y3 += hp * ld(bp + 48);
-                            }
-                        }
-                        st(yq, y0); st(yq + 16, y1); st(yq + 32, y2); st(yq + 48, y3);
-                    } else {
-                        for (int64_t j = 0; j < k; j++) {
-                            if (w[i * k + j] == 0.0f) continue;
-                            const float *bj = b + idx[i * k + j] * r * n_out + m0;
-                            for (int64_t c = 0; c < r; c++)
-                                for (int64_t m = 0; m < n_out - m0; m++) yq[m] += h[q * kr + j * r + c] * bj[c * n_out + m];
+                    float tmp[64], *yq = y + q * n_out + m0, *dst = width == 64 ? yq : tmp;
+                    if (width < 64) { memset(tmp, 0, sizeof tmp); memcpy(tmp, yq, width * sizeof(float)); }
+                    v16 y0 = ld(dst), y1 = ld(dst + 16), y2 = ld(dst + 32), y3 = ld(dst + 48);
+                    for (int64_t j = 0; j < k; j++) {
+                        if (w[i * k + j] == 0.0f) continue;
+                        const float *bj = b + (idx[i * k + j] * n_blocks + blk) * r * 64;  /* r x 64, contiguous */
+                        for (int64_t c = 0; c < r; c++) {
+                            const float *bp = bj + c * 64;
+                            v16 hp = {0}; hp += h[q * kr + j * r + c];
+                            y0 += hp * ld(bp); y1 += hp * ld(bp + 16); y2 += hp * ld(bp + 32); y3 += hp * ld(bp + 48);
                         }
                     }
+                    st(dst, y0); st(dst + 16, y1); st(dst + 32, y2); st(dst + 48, y3);
+                    if (width < 64) memcpy(yq, tmp, width * sizeof(float));
                 }
         }
     }
@@ -194,9 +188,13 @@ class Bgmv:
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
         assert _lib is not None, "call kernel.available() first"
-        self.a, self.b = a.contiguous(), b.contiguous()
         self.idx, self.w = idx.to(torch.int64).contiguous(), w.to(torch.float32).contiguous()
-        (self.nb, self.k), (self.u, self.r, self.n_out) = self.idx.shape, self.b.shape
+        (self.nb, self.k), (self.u, self.r, self.n_out) = self.idx.shape, b.shape
+        blocks = -(-self.n_out // 64)
+        padded = b.new_zeros(self.u, self.r, blocks * 64)  # (U, r, n_out rounded up to 64)
+        padded[..., :self.n_out] = b
+        self.a = a.contiguous()  # (U, r, n_in)
+        self.b = padded.view(self.u, self.r, blocks, 64).permute(0, 2, 1, 3).contiguous()  # (U, blocks, r, 64)
         self.n_in = self.a.shape[2]
         self._h = torch.empty(self.nb * self.k * self.r, dtype=torch.float32)  # (B*T, K*r) scratch, grown on demand
         self._batch = _Batch(self.a.data_ptr(), self.b.data_ptr(), self.u, self.r, self.n_out, self.n_in, self.nb,
