@@ -95,13 +95,13 @@ def test_decode_with_rows_joining_and_leaving_matches_old_path(tiny_base: BaseMo
     calls = [0]
     if form in ("planned", "kernel"):
         assert kernel.available()
-        real = kernel.Bgmv.run
+        real = kernel.SlotBgmv.run
 
-        def counted(self: kernel.Bgmv, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        def counted(self: kernel.SlotBgmv, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             calls[0] += 1
             return real(self, y, x)
 
-        monkeypatch.setattr(kernel.Bgmv, "run", counted)
+        monkeypatch.setattr(kernel.SlotBgmv, "run", counted)
     if form == "kernel":  # every call with differing rows through the kernel, prefill included
         monkeypatch.setattr(ops, "KERNEL_MAX_TOKENS", 1 << 30)
     if form in ("dense", "gather"):  # force one torch form of the differing-rows plan for every call
@@ -180,13 +180,13 @@ def test_kernel_stays_out_of_autograd(tiny_base: BaseModel, monkeypatch: pytest.
     ids = torch.randint(5, tiny_base.model.config.vocab_size, (2, 1), generator=torch.Generator().manual_seed(3))
     rows = [[("a", 1.0)], [("b", 0.5), ("a", 0.5)]]
     calls = [0]
-    real = kernel.Bgmv.run
+    real = kernel.SlotBgmv.run
 
-    def counted(self: kernel.Bgmv, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def counted(self: kernel.SlotBgmv, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         calls[0] += 1
         return real(self, y, x)
 
-    monkeypatch.setattr(kernel.Bgmv, "run", counted)
+    monkeypatch.setattr(kernel.SlotBgmv, "run", counted)
     batch = mm.prepare(rows)
     with torch.inference_mode():
         fast = mm.forward(batch, input_ids=ids).logits.clone()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from loramix.mix import kernel, mixed_lora, reference_mix
-from loramix.mix.ops import build_factors, dense_is_cheaper, make_plan
+from loramix.mix.ops import build_factors, dense_is_cheaper, make_plan, slot_kernel
 
 GRID = list(itertools.product([1, 3, 16], [1, 2, 3], [1, 4, 16], [torch.float32, torch.bfloat16], [1, 7]))
 
@@ -148,8 +148,35 @@ def test_kernel_matches_reference(batch: int, k: int, rank: int, tokens: int, sh
 
 def test_kernel_rejects_wrong_shapes() -> None:
     assert kernel.available()
-    op = kernel.Bgmv(torch.zeros(2, 4, 8), torch.zeros(2, 4, 6), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1))
+    a, b, idx, w = torch.zeros(2, 4, 8), torch.zeros(2, 4, 6), torch.zeros(3, 1, dtype=torch.long), torch.ones(3, 1)
     with pytest.raises(ValueError, match="expected x"):
-        op(torch.zeros(3, 1, 6), torch.zeros(2, 1, 8))  # 2 rows for a 3-row batch
+        kernel.bgmv(torch.zeros(3, 1, 6), torch.zeros(2, 1, 8), a, b, idx, w)  # 2 rows for a 3-row batch
     with pytest.raises(ValueError, match="float32"):
-        op(torch.zeros(3, 1, 6, dtype=torch.float64), torch.zeros(3, 1, 8))
+        kernel.bgmv(torch.zeros(3, 1, 6, dtype=torch.float64), torch.zeros(3, 1, 8), a, b, idx, w)
+
+
+@pytest.mark.parametrize("batch,k,tokens", [(1, 1, 1), (5, 3, 1), (16, 3, 4), (16, 6, 1)])
+def test_slot_kernel_reads_true_ranks_in_place(batch: int, k: int, tokens: int) -> None:
+    """The kernel on slot tensors as the mixer holds them (slot rank 16, adapters of rank 1..16 and an
+    empty slot), through the plan, against the float64 loops."""
+    assert kernel.available()
+    g = torch.Generator().manual_seed(batch + k)
+    n_slots, n_in, n_out = 7, 100, 130
+    a, b, ranks = _slots(g, n_slots, 16, n_in, n_out, torch.float32)
+    rows = [{int(s): float(v) for s, v in zip(torch.randperm(n_slots, generator=g)[:k], torch.rand(k, generator=g) + 0.1,
+                                               strict=True)} for _ in range(batch)]
+    if batch > 1:
+        rows[1] = {}
+        rows[0] = dict(rows[2])  # two rows share a mixture
+    plan = make_plan(rows, kernel=True)
+    assert plan is not None
+    x = torch.randn(batch, tokens, n_in, generator=g)  # (B, T, n_in)
+    y0 = torch.randn(batch, tokens, n_out, generator=g)  # (B, T, n_out)
+    op = slot_kernel(plan, a, b, ranks)
+    if all(ranks[s] == 0 for s in plan.slots):
+        assert op is None
+        return
+    assert op is not None
+    got = op.run(y0.clone(), x)
+    want = y0.double() + _reference(x, a, b, rows).double()
+    assert torch.allclose(got.double(), want, atol=1e-4, rtol=1e-4)

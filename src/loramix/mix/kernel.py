@@ -31,7 +31,7 @@ import torch
 
 from loramix.config import cache_dir
 
-__all__ = ["Bgmv", "available", "bgmv"]
+__all__ = ["SlotBgmv", "available", "bgmv"]
 
 log = logging.getLogger(__name__)
 
@@ -55,40 +55,45 @@ static float dot(const float *x, const float *a, int64_t n)
     return s;
 }
 
-/* y[q] += sum_{j, c} w[i, j] * (x[q] . A[idx[i, j], c]) * B[idx[i, j], c]     q = (row i, token t), c < r
-   x: (n_rows, n_tok, n_in); y: (n_rows, n_tok, n_out); the rest in struct batch.
+/* y[q] += sum_{j, c < rank[s]} w[i, j] * (x[q] . A[s, c]) * B[s, c]     s = idx[i, j], q = (row i, token t)
+   read straight from the mixer's slots, nothing copied per batch:
+   x: (n_rows, n_tok, n_in); y: (n_rows, n_tok, n_out); a: (S, R, n_in); b: (S, R, n_out);
+   idx: (n_rows, k) slot numbers; rank: (S,) true rank per slot (0: the adapter lacks this layer);
+   uslots: (u_n,) the batch's distinct slots; h: scratch (n_rows * n_tok, k * R).
    Phase 1 goes adapter by adapter, so each A row is read once for all the rows that use it; phase 2
-   goes 64 outputs at a time, B laid out (U, n_out / 64, r, 64) so that an adapter's share of a block
-   is one contiguous run, read once from memory and then from L1 by every row that uses it. */
-struct batch {                /* fixed while a batch lives: filled once on the Python side */
-    const float *a, *b;       /* (U, r, n_in), (U, ceil(n_out / 64), r, 64) zero-padded */
+   goes 64 outputs at a time, so an adapter's share of that block, read once from memory, is then
+   read from L1 by every row that uses it. */
+struct slots {
+    const float *a, *b;
     int64_t u_n, r, n_out, n_in, n_rows, k;
-    const int64_t *idx;       /* (n_rows, k) */
-    const float *w;           /* (n_rows, k) */
-    float *h;                 /* scratch: (n_rows * n_tok, k * r) */
+    const int64_t *idx, *rank, *uslots;
+    const float *w;
+    float *h;
 };
 
-void loramix_bgmv(const struct batch *p, const float *x, float *y, int64_t n_tok, int n_threads)
+void loramix_bgmv_slots(const struct slots *p, const float *x, float *y, int64_t n_tok, int n_threads)
 {
     const float *a = p->a, *b = p->b, *w = p->w;
-    const int64_t *idx = p->idx;
+    const int64_t *idx = p->idx, *rank = p->rank, *uslots = p->uslots;
     float *h = p->h;
     int64_t u_n = p->u_n, r = p->r, n_out = p->n_out, n_in = p->n_in, n_rows = p->n_rows, k = p->k;
     int64_t kr = k * r, n_blocks = (n_out + 63) / 64;
     #pragma omp parallel num_threads(n_threads) if(n_threads > 1)
     {
         #pragma omp for schedule(dynamic, 1)
-        for (int64_t u = 0; u < u_n; u++)
+        for (int64_t ui = 0; ui < u_n; ui++) {
+            int64_t s = uslots[ui], rs = rank[s];
             for (int64_t i = 0; i < n_rows; i++)
                 for (int64_t j = 0; j < k; j++) {
                     float wj = w[i * k + j];
-                    if (idx[i * k + j] != u || wj == 0.0f) continue;
+                    if (idx[i * k + j] != s || wj == 0.0f) continue;
                     for (int64_t t = 0; t < n_tok; t++) {
                         int64_t q = i * n_tok + t;
-                        for (int64_t c = 0; c < r; c++)
-                            h[q * kr + j * r + c] = wj * dot(x + q * n_in, a + (u * r + c) * n_in, n_in);
+                        for (int64_t c = 0; c < rs; c++)
+                            h[q * kr + j * r + c] = wj * dot(x + q * n_in, a + (s * r + c) * n_in, n_in);
                     }
                 }
+        }
         #pragma omp for schedule(static)
         for (int64_t blk = 0; blk < n_blocks; blk++) {
             int64_t m0 = blk * 64, width = n_out - m0 < 64 ? n_out - m0 : 64;
@@ -99,12 +104,19 @@ void loramix_bgmv(const struct batch *p, const float *x, float *y, int64_t n_tok
                     if (width < 64) { memset(tmp, 0, sizeof tmp); memcpy(tmp, yq, width * sizeof(float)); }
                     v16 y0 = ld(dst), y1 = ld(dst + 16), y2 = ld(dst + 32), y3 = ld(dst + 48);
                     for (int64_t j = 0; j < k; j++) {
+                        int64_t s = idx[i * k + j];
                         if (w[i * k + j] == 0.0f) continue;
-                        const float *bj = b + (idx[i * k + j] * n_blocks + blk) * r * 64;  /* r x 64, contiguous */
-                        for (int64_t c = 0; c < r; c++) {
-                            const float *bp = bj + c * 64;
+                        const float *bj = b + s * r * n_out + m0;
+                        for (int64_t c = 0; c < rank[s]; c++) {
+                            const float *bp = bj + c * n_out;
                             v16 hp = {0}; hp += h[q * kr + j * r + c];
-                            y0 += hp * ld(bp); y1 += hp * ld(bp + 16); y2 += hp * ld(bp + 32); y3 += hp * ld(bp + 48);
+                            if (width == 64) {
+                                y0 += hp * ld(bp); y1 += hp * ld(bp + 16); y2 += hp * ld(bp + 32); y3 += hp * ld(bp + 48);
+                            } else {
+                                float part[64] = {0};
+                                memcpy(part, bp, width * sizeof(float));
+                                y0 += hp * ld(part); y1 += hp * ld(part + 16); y2 += hp * ld(part + 32); y3 += hp * ld(part + 48);
+                            }
                         }
                     }
                     st(dst, y0); st(dst + 16, y1); st(dst + 32, y2); st(dst + 48, y3);
@@ -151,7 +163,7 @@ def _compile() -> ctypes.CDLL | None:
                 return None
             os.replace(out, target)  # atomic: a concurrent process sees the whole file or none
     lib = ctypes.CDLL(str(target))
-    fn = lib.loramix_bgmv
+    fn = lib.loramix_bgmv_slots
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     fn.restype = None
     return lib
@@ -172,58 +184,65 @@ def available() -> bool:
     return _lib is not None
 
 
-class _Batch(ctypes.Structure):  # struct batch in the C source
+class _Slots(ctypes.Structure):  # struct slots in the C source
     _fields_ = [("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("u_n", ctypes.c_int64), ("r", ctypes.c_int64),
                 ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64), ("n_rows", ctypes.c_int64), ("k", ctypes.c_int64),
-                ("idx", ctypes.c_void_p), ("w", ctypes.c_void_p), ("h", ctypes.c_void_p)]
+                ("idx", ctypes.c_void_p), ("rank", ctypes.c_void_p), ("uslots", ctypes.c_void_p),
+                ("w", ctypes.c_void_p), ("h", ctypes.c_void_p)]
 
 
-class Bgmv:
-    """One batch's per-row mixture for one layer, ready for the kernel: the factors and the row
-    mapping are fixed while the batch lives, so their pointers are taken once, not on every call.
+class SlotBgmv:
+    """One batch's per-row mixture for one layer, read from the mixer's slot tensors in place: nothing is
+    copied when a batch forms (a scheduler forms one whenever a row joins or leaves).
 
-    a: (U, r, n_in) and b: (U, r, n_out) float32 on the CPU; idx: (B, K) positions in a/b;
-    w: (B, K) weights (0: unused). Call :func:`available` first.
+    lora_a: (S, R, n_in) and lora_b: (S, R, n_out) float32 CPU slot tensors (kept referenced: a later
+    resize of the slots allocates new ones and these stay valid); idx: (B, K) slot numbers; w: (B, K)
+    weights (0: unused); ranks: true rank per slot for this layer (0: the adapter lacks it). The slots
+    it names must stay unchanged while it is used (the mixer pins a live batch's slots).
     """
 
-    def __init__(self, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor):
+    def __init__(self, lora_a: torch.Tensor, lora_b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
+                 ranks: list[int]):
         assert _lib is not None, "call kernel.available() first"
+        assert lora_a.is_contiguous() and lora_b.is_contiguous() and lora_a.dtype == lora_b.dtype == torch.float32
+        self.a, self.b = lora_a, lora_b
         self.idx, self.w = idx.to(torch.int64).contiguous(), w.to(torch.float32).contiguous()
-        (self.nb, self.k), (self.u, self.r, self.n_out) = self.idx.shape, b.shape
-        blocks = -(-self.n_out // 64)
-        padded = b.new_zeros(self.u, self.r, blocks * 64)  # (U, r, n_out rounded up to 64)
-        padded[..., :self.n_out] = b
-        self.a = a.contiguous()  # (U, r, n_in)
-        self.b = padded.view(self.u, self.r, blocks, 64).permute(0, 2, 1, 3).contiguous()  # (U, blocks, r, 64)
-        self.n_in = self.a.shape[2]
-        self._h = torch.empty(self.nb * self.k * self.r, dtype=torch.float32)  # (B*T, K*r) scratch, grown on demand
-        self._batch = _Batch(self.a.data_ptr(), self.b.data_ptr(), self.u, self.r, self.n_out, self.n_in, self.nb,
-                             self.k, self.idx.data_ptr(), self.w.data_ptr(), self._h.data_ptr())
+        self.rank = torch.tensor(ranks, dtype=torch.int64)  # (S,)
+        self.uslots = torch.tensor(sorted({int(s) for s in self.idx.flatten().tolist()}), dtype=torch.int64)  # (U,)
+        (self.nb, self.k), (_, self.r, self.n_out) = self.idx.shape, lora_b.shape
+        self.n_in = lora_a.shape[2]
+        self._h = torch.zeros(self.nb * self.k * self.r, dtype=torch.float32)  # (B*T, K*R) scratch
+        self._batch = _Slots(self.a.data_ptr(), self.b.data_ptr(), len(self.uslots), self.r, self.n_out, self.n_in,
+                             self.nb, self.k, self.idx.data_ptr(), self.rank.data_ptr(), self.uslots.data_ptr(),
+                             self.w.data_ptr(), self._h.data_ptr())
         self._ref = ctypes.byref(self._batch)
 
-    def __call__(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``y[i] += sum_j w[i, j] * x[i] @ a[idx[i, j]].T @ b[idx[i, j]]`` in place; returns ``y``.
-        y: (B, T, n_out) contiguous float32; x: (B, T, n_in) float32."""
-        nb, nt, n_in = x.shape
-        if not (y.is_contiguous() and y.dtype == torch.float32 and y.shape == (self.nb, nt, self.n_out)
-                and nb == self.nb and n_in == self.n_in and x.dtype == torch.float32):
-            raise ValueError(f"expected x {(self.nb, nt, self.n_in)} and contiguous y {(self.nb, nt, self.n_out)}, "
-                             f"float32; got {tuple(x.shape)} {x.dtype} and {tuple(y.shape)} {y.dtype}")
-        return self.run(y, x)
-
     def run(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`__call__` without the checks, for a caller that guarantees them (the mixer's layers)."""
+        """``y[i] += sum_j w[i, j] * x[i] @ A[idx[i, j]].T @ B[idx[i, j]]`` in place (no checks: the mixer's
+        layers guarantee x (B, T, n_in) and contiguous y (B, T, n_out), float32); returns ``y``."""
         nb, nt, _ = x.shape
         x = x.contiguous()
         if self._h.numel() < nb * nt * self.k * self.r:
-            self._h = torch.empty(nb * nt * self.k * self.r, dtype=torch.float32)
+            self._h = torch.zeros(nb * nt * self.k * self.r, dtype=torch.float32)
             self._batch.h = self._h.data_ptr()
         assert _lib is not None
-        _lib.loramix_bgmv(self._ref, x.data_ptr(), y.data_ptr(), nt, torch.get_num_threads())
+        _lib.loramix_bgmv_slots(self._ref, x.data_ptr(), y.data_ptr(), nt, torch.get_num_threads())
         return y
 
 
 def bgmv(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor,
          w: torch.Tensor) -> torch.Tensor:
-    """One-shot :class:`Bgmv`: ``y[i] += sum_j w[i, j] * x[i] @ a[idx[i, j]].T @ b[idx[i, j]]``."""
-    return Bgmv(a, b, idx, w)(y, x)
+    """One-shot, checked: ``y[i] += sum_j w[i, j] * x[i] @ a[idx[i, j]].T @ b[idx[i, j]]`` in place.
+
+    y: (B, T, n_out) contiguous float32; x: (B, T, n_in) float32; a: (S, r, n_in); b: (S, r, n_out);
+    idx: (B, K) int64 in [0, S); w: (B, K). Call :func:`available` first.
+    """
+    nb, nt, n_in = x.shape
+    n_out = b.shape[2]
+    if not (y.is_contiguous() and y.dtype == x.dtype == torch.float32 and y.shape == (nb, nt, n_out)
+            and a.shape[2] == n_in and idx.shape[0] == nb and w.shape == idx.shape):
+        raise ValueError(f"expected x (B, T, {a.shape[2]}) float32, contiguous y (B, T, {n_out}) float32 and idx, w "
+                         f"(B, K); got x {tuple(x.shape)} {x.dtype}, y {tuple(y.shape)} {y.dtype}, idx "
+                         f"{tuple(idx.shape)}, w {tuple(w.shape)}")
+    op = SlotBgmv(a.contiguous().float(), b.contiguous().float(), idx, w, [a.shape[1]] * a.shape[0])
+    return op.run(y, x)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from loramix.errors import MixError
-from loramix.mix.ops import Factors, MixPlan, build_factors
+from loramix.mix import ops
+from loramix.mix.kernel import SlotBgmv
+from loramix.mix.ops import Factors, MixPlan, build_factors, slot_kernel
 
 
 @dataclass(eq=False)
@@ -28,6 +30,8 @@ class MixBatch:
     w: torch.Tensor | None  # (B, k) weights; 0 for padding
     plan: MixPlan | None = None  # None: no row uses an adapter (the base model alone)
     cache: dict[int, Factors | None] = field(default_factory=dict)  # id(layer) -> this layer's factors
+    kernels: dict[int, SlotBgmv | None] = field(default_factory=dict)  # id(layer) -> the decode kernel on its slots
+    # (``rows`` plans: nothing copied, the slots are read in place while pinned)
     released: bool = False
 
     @property
@@ -101,10 +105,27 @@ class MixedLoraLinear(nn.Module):
             raise MixError(f"input has shape {tuple(x.shape)} but the mixture was set for {batch.plan.n_rows} rows; "
                            "expected (rows, tokens, features)")
         key = id(self)
+        plan = batch.plan
+        if plan.kind == "rows" and plan.kernel and x.shape[1] <= ops.KERNEL_MAX_TOKENS:
+            if key in batch.kernels:
+                op = batch.kernels[key]
+            else:
+                op = batch.kernels[key] = slot_kernel(plan, self.lora_A, self.lora_B, self.ranks)
+            if op is not None:
+                y = self.base_layer(x)  # (B, T, n_out)
+                if y.dtype == torch.float32 and not (x.requires_grad or y.requires_grad):  # it writes outside autograd
+                    return op.run(y, x)  # (B, T, n_out)
+                factors = self._factors(batch, key)
+                return y if factors is None else factors.add_to(y, x)
+        factors = self._factors(batch, key)
+        if factors is None:  # no adapter of this batch targets this layer
+            return self.base_layer(x)  # (B, T, n_out)
+        return factors(self.base_layer, x)  # (B, T, n_out)
+
+    def _factors(self, batch: MixBatch, key: int) -> Factors | None:
+        assert batch.plan is not None
         if key in batch.cache:
             factors = batch.cache[key]
         else:
             factors = batch.cache[key] = build_factors(batch.plan, self.lora_A, self.lora_B, self.ranks, key)
-        if factors is None:  # no adapter of this batch targets this layer
-            return self.base_layer(x)  # (B, T, n_out)
-        return factors(self.base_layer, x)  # (B, T, n_out)
+        return factors

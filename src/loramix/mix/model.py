@@ -182,6 +182,7 @@ class MixedModel:
             return
         batch.released = True
         batch.cache.clear()
+        batch.kernels.clear()
         self._pins.subtract(batch.ids)
         for aid in batch.ids:
             if self._pins[aid] <= 0:

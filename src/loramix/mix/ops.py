@@ -53,6 +53,7 @@ class MixPlan:
     # ``same`` plans: each layer's folded weight (W + delta) by layer key, shared by every batch with this
     # mixture (rows joining and leaving keep it); None: never fold
     folds: dict[int, torch.Tensor] | None = None
+    slot_idx: torch.Tensor | None = None  # (B, K) each row's adapters by slot number (made once, for the kernel)
 
     @property
     def n_rows(self) -> int:
@@ -109,24 +110,12 @@ class Factors:
     _gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # (B, K*r, n_in), (B, K*r, n_out) weights folded
     key: int = 0  # the layer's key in ``plan.folds``
     calls: int = 0  # calls made with these factors (``same`` plans fold after ``plan.fold_after``)
-    _bgmv: kernel.Bgmv | None = None  # the compiled kernel's view of these factors (rows plans, decode)
-
-    def __post_init__(self) -> None:
-        if (self.w is not None and self.plan.kernel and self.a.dtype == torch.float32 and self.a.device.type == "cpu"
-                and kernel.available()):
-            self._bgmv = kernel.Bgmv(self.a, self.b, self.uidx, self.gw)
 
     def __call__(self, base: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         """The injected layer's output for this batch: ``base(x) + mixture(x)``; x: (B, T, n_in).
 
         A ``same`` plan's folded weight is made and used under inference mode only (it is an
         inference tensor that autograd could not use)."""
-        fast = self._bgmv
-        if fast is not None and x.shape[1] <= KERNEL_MAX_TOKENS:  # rows differ, decode: the compiled kernel
-            y = base(x)  # (B, T, n_out)
-            if y.dtype == torch.float32 and not (x.requires_grad or y.requires_grad):  # it writes outside autograd
-                return fast.run(y, x)
-            return self.add_to(y, x)
         folds = self.plan.folds if torch.is_inference_mode_enabled() else None
         if folds is not None:
             wf = folds.get(self.key)
@@ -216,6 +205,18 @@ def build_factors(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ran
         return Factors(plan, a, b, None, uidx, gw, key=key)
     w = wu.repeat_interleave(r, dim=1).unsqueeze(1).to(a.dtype)  # (B, 1, U*r)
     return Factors(plan, a, b, w, uidx, gw, key=key)
+
+
+def slot_kernel(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks: list[int]) -> kernel.SlotBgmv | None:
+    """The compiled kernel over this layer's slots for a ``rows`` plan (nothing copied); None when the
+    kernel cannot run here (no compiler, not float32 on the CPU) or no adapter of the batch targets the layer."""
+    if lora_a.dtype != torch.float32 or lora_a.device.type != "cpu" or not kernel.available():
+        return None
+    if all(ranks[s] == 0 for s in plan.slots):
+        return None
+    if plan.slot_idx is None:
+        plan.slot_idx = torch.tensor(plan.slots, dtype=torch.long)[plan.uidx.cpu()]  # (B, K) slot numbers
+    return kernel.SlotBgmv(lora_a, lora_b, plan.slot_idx, plan.gw.cpu(), ranks)
 
 
 def mixed_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
