@@ -93,10 +93,13 @@ def docs_rm(name: str, home: Home = None) -> None:
 @docs_app.command("search")
 def docs_search(query: str, docs: Annotated[str, typer.Option("--docs", help="Collections (names, tag:NAME).")],
                 passages: Annotated[int, typer.Option("--passages")] = 5,
-                fusion: Annotated[str, typer.Option("--fusion", help="rrf | dense | bm25.")] = _D.fusion,
+                fusion: Annotated[str, typer.Option("--fusion", help="rrf | mix | dense | bm25.")] = _D.fusion,
+                dense_weight: Annotated[float, typer.Option("--dense-weight",
+                                                            help="fusion mix: weight of dense (rest BM25).")] = _D.dense_weight,
                 home: Home = None, as_json: Json = False) -> None:
     """Retrieve passages for a query (no language model involved)."""
-    got = _engine(home).retrieve(query, DocsConfig(collections=_csv(docs), passages=passages, fusion=fusion))
+    got = _engine(home).retrieve(query, DocsConfig(collections=_csv(docs), passages=passages, fusion=fusion,
+                                                   dense_weight=dense_weight))
     if as_json:
         _print_json([p.to_dict(with_text=True) for p in got])
         return
