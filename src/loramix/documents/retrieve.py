@@ -21,6 +21,7 @@ from loramix.documents.store import CollectionRecord, DocStore, TextEncoder
 from loramix.errors import DocumentError
 from loramix.route.index import KeyIndex
 from loramix.route.lexical import BM25
+from loramix.store.tenancy import visible_to
 
 __all__ = ["Passage", "Retriever", "mix_scores", "rrf"]
 
@@ -127,22 +128,27 @@ class Retriever:
             self._bm25 = bm
         return self._bm25
 
-    def collections(self, specs: Sequence[str], route_tags: Sequence[str] = ()) -> list[CollectionRecord]:
-        """Resolve names, ``tag:NAME`` and ``auto`` (collections sharing a tag with ``route_tags``)."""
+    def collections(self, specs: Sequence[str], route_tags: Sequence[str] = (),
+                    tenant: str | None = None) -> list[CollectionRecord]:
+        """Resolve names, ``tag:NAME`` and ``auto`` (collections sharing a tag with ``route_tags``) among the
+        collections ``tenant`` may read (None: all); an unreadable name raises like a missing one."""
         self.sync()
+        readable = [r for r in self._collections.values() if visible_to(r.owner, r.public, tenant)]
         out: dict[str, CollectionRecord] = {}
         for spec in specs:
             if spec.startswith("tag:"):
                 tag = spec[4:]
-                picked = [r for r in self._collections.values() if tag in r.tags]
+                picked = [r for r in readable if tag in r.tags]
                 if not picked:
                     raise DocumentError(f"no collection carries the tag {tag!r}; tags in use: "
-                                        f"{sorted({t for r in self._collections.values() for t in r.tags}) or 'none'}")
+                                        f"{sorted({t for r in readable for t in r.tags}) or 'none'}")
             elif spec == "auto":
                 wanted = {t.lower() for t in route_tags}
-                picked = [r for r in self._collections.values() if wanted & {t.lower() for t in r.tags}]
+                picked = [r for r in readable if wanted & {t.lower() for t in r.tags}]
             else:
-                picked = [self._collections[spec] if spec in self._collections else self.store.get(spec)]
+                rec = self._collections.get(spec)
+                ok = rec is not None and visible_to(rec.owner, rec.public, tenant)
+                picked = [rec if ok and rec is not None else self.store.get(spec, tenant=tenant)]
             out.update((r.name, r) for r in picked)
         return list(out.values())
 
@@ -162,14 +168,17 @@ class Retriever:
         return out
 
     def retrieve(self, query: str, cfg: DocsConfig, route_tags: Sequence[str] = (),
-                 scorer: PairScorer | None = None, tokenizer: Any = None, scorer_key: str = "") -> list[Passage]:
-        """The top ``cfg.passages`` passages for ``query`` (reranked by ``scorer`` when ``cfg.rerank``).
-
-        ``scorer_key`` names the scoring model and mixture, so reranked results are cached per mixture.
-        """
-        if cfg.passages == 0 or not cfg.collections:
+                 scorer: PairScorer | None = None, tokenizer: Any = None, scorer_key: str = "",
+                 tenant: str | None = None) -> list[Passage]:
+        """The top ``cfg.passages`` passages for ``query`` (reranked by ``scorer`` when ``cfg.rerank``) from
+        the collections ``tenant`` may read. ``scorer_key`` names the scoring model and mixture, so reranked
+        results are cached per mixture; the cache key holds the resolved collections, so two tenants share
+        an entry only when they search the same collections."""
+        if not cfg.collections:
             return []
-        cols = self.collections(cfg.collections, route_tags)
+        cols = self.collections(cfg.collections, route_tags, tenant)  # unknown names fail even with passages=0
+        if cfg.passages == 0:
+            return []
         key = (query, tuple(sorted(c.name for c in cols)), cfg.passages, cfg.candidates, cfg.fusion, cfg.rrf_k,
                cfg.dense_weight, cfg.rerank, cfg.rerank_top, scorer_key if cfg.rerank else "")
         with self._lock:

@@ -93,6 +93,7 @@ class GenRequest:
     prompt_ids: list[int]
     mixture: list[tuple[str, float]]  # (adapter id, weight); [] = base model
     params: SamplingParams = field(default_factory=SamplingParams)
+    prefix_boundaries: list[int] = field(default_factory=list)  # passage prefix offsets (KV prefix cache)
 
 
 @dataclass
