@@ -264,7 +264,7 @@ class LocalEngine:
         _ = lm.base, lm.mixer  # load the base once, now
         eos = self._eos_ids()
         cfg = SchedulerConfig(max_batch=self.settings.max_batch, max_queue=self.settings.max_queue)
-        self._sched = Scheduler(lm.mixer, cfg, eos_ids=eos, lock=lm.lock)
+        self._sched = Scheduler(lm.mixer, cfg, eos_ids=eos, lock=lm.lock, prefix_cache=lm.kv_cache)
         self._sched.start()
 
     def close(self) -> None:
