@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -36,6 +37,7 @@ __all__ = ["Augmented", "DocsRequest", "Engine", "FakeEngine", "GenerationFailed
            "RequestTimeout", "Resolved", "stream_events"]
 
 Event = TokenEvent | FinishEvent
+log = logging.getLogger("loramix.serve")
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 
 
@@ -255,6 +257,7 @@ class LocalEngine:
         self._route_lock = threading.Lock()  # the router (lazy construction, index sync) is used one call at a time
         self._sched: Any = None
         self.started = time.time()
+        self._last_snapshot = -math.inf
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -271,6 +274,7 @@ class LocalEngine:
         if self._sched is not None:
             self._sched.stop()
             self._sched = None
+            self._snapshot(force=True)
 
     @property
     def scheduler(self) -> Any:
@@ -398,6 +402,19 @@ class LocalEngine:
         ids = [aid for aid, _ in resolved.mixture if aid not in self.lm.extra_weights]
         if ids and finish.reason not in ("error", "cancelled"):
             self.lm.library.record_use(ids)
+        self._snapshot()
+
+    def _snapshot(self, force: bool = False) -> None:
+        """The engine's cache counters for ``loramix stats`` (``meta/stats/engine.json``), at most every
+        ``settings.stats_every_s`` seconds, and once more when the server stops."""
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self.settings.stats_every_s:
+            return
+        self._last_snapshot = now
+        try:
+            self.lm.write_stats()
+        except OSError as e:  # a full disk must not fail a generation
+            log.warning("could not write the stats snapshot: %s", e)
 
     # --- library ---------------------------------------------------------------------------------
     def list_adapters(self, tenant: str | None, q: str | None = None, tags: Sequence[str] = ()) -> list[dict[str, Any]]:

@@ -305,7 +305,7 @@ class Scheduler:
             raise MixError(f"the mixture uses {len(ids)} adapters but the mixer has {self.mm.cfg.capacity} slots; "
                            "use fewer adapters or raise MixConfig.capacity")
         bounds = [int(b) for b in req.prefix_boundaries]
-        if any(not 0 < b <= len(prompt) for b in bounds):
+        if any(not 0 <= b <= len(prompt) for b in bounds):
             raise ConfigError(f"prefix_boundaries {bounds} must lie within the prompt's {len(prompt)} tokens")
         req = GenRequest(prompt_ids=prompt, mixture=[(str(a), float(w)) for a, w in req.mixture], params=req.params,
                          prefix_boundaries=bounds)
