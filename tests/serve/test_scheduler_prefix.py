@@ -14,9 +14,9 @@ from tests.serve.test_scheduler import adapters, base, greedy, mixer, prompt, re
 HEAD, P1, P2 = 6, 12, 10  # template head, two passages (tokens)
 
 
-def docs_req(base: BaseModel, passages: list[int], query_seed: int, mix: list[tuple[str, float]], n_new: int = 6,
+def docs_req(bm: BaseModel, passages: list[int], query_seed: int, mix: list[tuple[str, float]], n_new: int = 6,
              bounds: bool = True) -> GenRequest:
-    ids = passages + prompt(base, 5, seed=query_seed)
+    ids = passages + prompt(bm, 5, seed=query_seed)
     b = [HEAD, HEAD + P1, HEAD + P1 + P2] if bounds else []
     return GenRequest(ids, mix, SamplingParams(max_new_tokens=n_new, ignore_eos=True), prefix_boundaries=b)
 
