@@ -80,6 +80,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passages", type=int, default=3)
     p.add_argument("--budget", type=int, default=256, help="passage tokens in the prompt")
     p.add_argument("--rerank-top", type=int, default=10)
+    p.add_argument("--resume-from", type=Path, default=None,
+                   help="the partial report.json of an earlier pass with the same --out and data options: its "
+                        "leakage check, test recall, base/docs losses and cache figures are reused; the fusion "
+                        "weight is re-chosen, then adapters are trained and scored")
+    p.add_argument("--skip-aware-alone", action="store_true", help="do not score the aware experts without passages")
     p.add_argument("--cache-queries", type=int, default=24, help="test queries in the cache stream (x3 requests)")
     p.add_argument("--base", default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -247,7 +252,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                          tags=[dom], source=sig, chunk_words=96, chunk_overlap=24)
     eng.retriever.sync()
     all_tests = [d for dom in domains for d in test[dom]]
-    leak = check_no_leak(eng.docs, eng.retriever, [d for dom in domains for d in held[dom]], names)
+    prev = json.loads(args.resume_from.read_text()) if args.resume_from else None
+    if prev is not None:  # the same collections (their signature matched above): its check stands
+        leak = {**prev["leakage"], "from": "the first pass (same collections)"}
+    else:
+        leak = check_no_leak(eng.docs, eng.retriever, [d for dom in domains for d in held[dom]], names)
     timing["data_s"] = time.time() - t0
     log(f"data: {len(all_tests)} tests, leakage check passed {leak}")
 
@@ -278,13 +287,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     log(f"fusion weight on validation ({len(val_rows)} texts): {val_curve} -> dense_weight {best_w}")
     recall: dict[str, list[float]] = {}
     hit: dict[str, list[float]] = {}
-    for m, c in (("dense", DocsConfig(collections=names, passages=5, fusion="dense")),
+    for m, c in () if prev is not None else (("dense", DocsConfig(collections=names, passages=5, fusion="dense")),
                  ("bm25", DocsConfig(collections=names, passages=5, fusion="bm25")),
                  ("rrf", DocsConfig(collections=names, passages=5, fusion="rrf")),
                  ("fused", DocsConfig(collections=names, passages=5, fusion="mix", dense_weight=best_w)),
                  ("reranked", DocsConfig(collections=names, passages=5, fusion="mix", dense_weight=best_w,
                                          rerank=True, rerank_top=args.rerank_top))):
         recall[m], hit[m] = recall_of(eng, names, test_rows, c, base_scorer if c.rerank else None, tok)
+    if prev is not None:
+        if prev.get("fusion", {}).get("dense_weight", best_w) != best_w:
+            raise SystemExit("the fusion weight differs from the first pass; rerun without --resume-from")
+        recall = {m: [prev[f"recall5_{m}"]] for m in ("dense", "bm25", "rrf", "fused", "reranked")}
+        hit = {m: [] for m in recall}
     n_related = [len(r[2]) for r in test_rows]
     timing["recall_s"] = time.time() - t0
     log("recall@5: " + ", ".join(f"{m} {statistics.mean(v):.3f}" for m, v in recall.items() if v))
@@ -310,7 +324,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             losses[name]["mean"] = statistics.mean(losses[name][d] for d in domains)
             log(f"loss {name}: {losses[name]['mean']:.4f}")
 
-    score({"base": (without, empty), "docs": (with_p, empty)})
+    if prev is not None:
+        losses.update({"base": {"mean": prev["loss_base"]}, "docs": {"mean": prev["loss_docs"]}})
+    else:
+        score({"base": (without, empty), "docs": (with_p, empty)})
     timing["loss_base_docs_s"] = time.time() - t0
 
     # 5. caches: a stream with repeats and shorter variants of each query, served by the base model
@@ -323,6 +340,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     short, _ = split_texts([d.text for _, d in owners], 0.3, 128)
     n_cache = min(args.cache_queries, len(queries))
     stream = [x for q, s in zip(queries[:n_cache], short[:n_cache], strict=True) for x in (q, q, s)]
+    stream = [] if prev is not None else stream
     hit_prompts = []
     for q in stream:
         mix: list[tuple[str, float]] = []
@@ -346,14 +364,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                 max_diff = max(max_diff, float((pre.logits[0, -1] - full).abs().max()))
     timing["cache_s"] = time.time() - t0
     load_at_timing = os.getloadavg()[0]  # the prefill timing is only as quiet as the machine was
+    if prev is not None:
+        kv_stats, ret_stats, max_diff = prev["kv_prefix_cache"], prev["retrieval_cache"], prev["prefill_logits_max_abs_diff"]
+        full_ms, cached_ms = [prev["prefill_ms_full"]], [prev["prefill_ms_cached"]]
+        load_at_timing = prev.get("load_avg_1m_after_prefill_timing", float("nan"))
+        timing = {**{k: v for k, v in prev["timing"].items()}, **{f"resume_{k}": v for k, v in timing.items()}}
 
     partial = {"status": "partial: adapters not trained yet", "loss_base": losses["base"]["mean"],
                "loss_docs": losses["docs"]["mean"], **{f"recall5_{m}": statistics.mean(v) for m, v in recall.items() if v},
                "kv_prefix_cache": kv_stats, "retrieval_cache": ret_stats,
                "prefill_ms_full": statistics.mean(full_ms) if full_ms else None,
                "prefill_ms_cached": statistics.mean(cached_ms) if cached_ms else None,
-               "prefill_logits_max_abs_diff": max_diff, "leakage": leak, "timing": timing}
-    (args.out / "report.json").write_text(json.dumps(partial, indent=2))
+               "prefill_logits_max_abs_diff": max_diff, "leakage": leak, "timing": timing,
+               "fusion": {"kind": "mix", "dense_weight": best_w, "val_recall5": val_curve},
+               "load_avg_1m_after_prefill_timing": round(load_at_timing, 2)}
+    if prev is None:
+        (args.out / "report.json").write_text(json.dumps(partial, indent=2))
     log(f"partial: {json.dumps(partial)}")
 
     # 2. adapters
@@ -393,7 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     mix_aware = [r.mixture for r in eng.router.route_batch(queries, aware)]
     top1_ok = [eng.library.get(m[0][0]).domain_tags[0] == d for m, (d, _) in zip(mix_plain, owners, strict=True)]
     score({"adapters": (without, mix_plain), "adapters_docs": (with_p, mix_plain), "aware_docs": (with_p, mix_aware),
-           "aware": (without, mix_aware)})
+           **({} if args.skip_aware_alone else {"aware": (without, mix_aware)})})
     timing["loss_adapters_s"] = time.time() - t0
 
     def mean(xs: Sequence[float]) -> float:
@@ -404,13 +430,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loss_base": round(losses["base"]["mean"], 4), "loss_docs": round(losses["docs"]["mean"], 4),
         "loss_adapters": round(losses["adapters"]["mean"], 4),
         "loss_adapters_docs": round(losses["adapters_docs"]["mean"], 4),
-        "loss_aware_docs": round(losses["aware_docs"]["mean"], 4), "loss_aware": round(losses["aware"]["mean"], 4),
+        "loss_aware_docs": round(losses["aware_docs"]["mean"], 4), "loss_aware": round(losses["aware"]["mean"], 4) if "aware" in losses else None,
         "recall5_dense": mean(recall["dense"]), "recall5_bm25": mean(recall["bm25"]),
         "recall5_rrf": mean(recall["rrf"]), "recall5_fused": mean(recall["fused"]),
         "recall5_reranked": mean(recall["reranked"]), "fusion": {"kind": "mix", "dense_weight": best_w,
                                                                   "val_recall5": val_curve, "val_queries": len(val_rows)},
         "target_fused_ge_dense": mean(recall["fused"]) >= mean(recall["dense"]),
-        "hit5": {m: mean(v) for m, v in hit.items()}, "recall_queries": len(recall["fused"]),
+        "hit5": {m: mean(v) for m, v in hit.items() if v}, "recall_queries": len(test_rows),
         "related_per_query_median": statistics.median(n_related) if n_related else 0,
         "gain_adapters_docs_vs_best_alone": round(1 - losses["adapters_docs"]["mean"] / best_alone, 4),
         "gain_aware_docs_vs_best_alone": round(1 - losses["aware_docs"]["mean"] / best_alone, 4),
@@ -424,6 +450,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "losses_per_domain": {k: {d: round(x, 4) for d, x in v.items()} for k, v in losses.items()},
         "adapters": trained, "leakage": leak,
+        "resumed_from_first_pass": (["leakage", "recall", "loss_base", "loss_docs", "caches"] if prev is not None
+                                    else []),
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "n_test": len(queries), "domains": domains, "device": str(next(mm.model.parameters()).device),
         "torch_threads": torch.get_num_threads(), "timing": {k: round(v, 1) for k, v in timing.items()},
