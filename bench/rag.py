@@ -84,6 +84,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="the partial report.json of an earlier pass with the same --out and data options: its "
                         "leakage check, test recall, base/docs losses and cache figures are reused; the fusion "
                         "weight is re-chosen, then adapters are trained and scored")
+    p.add_argument("--kinds", default="plain,aware", help="experts to train: plain, aware or both (a missing kind's "
+                   "losses are reported as null)")
     p.add_argument("--skip-aware-alone", action="store_true", help="do not score the aware experts without passages")
     p.add_argument("--cache-queries", type=int, default=24, help="test queries in the cache stream (x3 requests)")
     p.add_argument("--base", default=None)
@@ -391,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     trained = {}
     for dom in domains:
         texts = [d.text for d in train[dom]]
-        for kind in ("plain", "aware"):
+        for kind in [k for k in ("plain", "aware") if k in args.kinds.split(",")]:
             name = f"{kind}-{dom}"
             if name in eng.library:
                 continue
@@ -416,10 +418,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     t0 = time.time()
     plain, aware = RouteConfig(k=3, tags=["plain"]), RouteConfig(k=3, tags=["aware"])
     mix_plain = [r.mixture for r in eng.router.route_batch(queries, plain)]
-    mix_aware = [r.mixture for r in eng.router.route_batch(queries, aware)]
+    has_aware = "aware" in args.kinds.split(",")
+    mix_aware = [r.mixture for r in eng.router.route_batch(queries, aware)] if has_aware else []
     top1_ok = [eng.library.get(m[0][0]).domain_tags[0] == d for m, (d, _) in zip(mix_plain, owners, strict=True)]
-    score({"adapters": (without, mix_plain), "adapters_docs": (with_p, mix_plain), "aware_docs": (with_p, mix_aware),
-           **({} if args.skip_aware_alone else {"aware": (without, mix_aware)})})
+    score({"adapters": (without, mix_plain), "adapters_docs": (with_p, mix_plain),
+           **({"aware_docs": (with_p, mix_aware)} if has_aware else {}),
+           **({} if args.skip_aware_alone or not has_aware else {"aware": (without, mix_aware)})})
     timing["loss_adapters_s"] = time.time() - t0
 
     def mean(xs: Sequence[float]) -> float:
@@ -430,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "loss_base": round(losses["base"]["mean"], 4), "loss_docs": round(losses["docs"]["mean"], 4),
         "loss_adapters": round(losses["adapters"]["mean"], 4),
         "loss_adapters_docs": round(losses["adapters_docs"]["mean"], 4),
-        "loss_aware_docs": round(losses["aware_docs"]["mean"], 4), "loss_aware": round(losses["aware"]["mean"], 4) if "aware" in losses else None,
+        "loss_aware_docs": round(losses["aware_docs"]["mean"], 4) if "aware_docs" in losses else None, "loss_aware": round(losses["aware"]["mean"], 4) if "aware" in losses else None,
         "recall5_dense": mean(recall["dense"]), "recall5_bm25": mean(recall["bm25"]),
         "recall5_rrf": mean(recall["rrf"]), "recall5_fused": mean(recall["fused"]),
         "recall5_reranked": mean(recall["reranked"]), "fusion": {"kind": "mix", "dense_weight": best_w,
@@ -439,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "hit5": {m: mean(v) for m, v in hit.items() if v}, "recall_queries": len(test_rows),
         "related_per_query_median": statistics.median(n_related) if n_related else 0,
         "gain_adapters_docs_vs_best_alone": round(1 - losses["adapters_docs"]["mean"] / best_alone, 4),
-        "gain_aware_docs_vs_best_alone": round(1 - losses["aware_docs"]["mean"] / best_alone, 4),
+        "gain_aware_docs_vs_best_alone": (round(1 - losses["aware_docs"]["mean"] / best_alone, 4)
+                                          if "aware_docs" in losses else None),
         "target_5pct_met": losses["adapters_docs"]["mean"] <= 0.95 * best_alone,
         "target_rerank_met": mean(recall["reranked"]) > mean(recall["fused"]),
         "routing_top1_accuracy": mean([float(x) for x in top1_ok]),
