@@ -273,8 +273,9 @@ class Loramix:
     # --- documents ----------------------------------------------------------------------------
     def add_docs(self, name: str, source: str | None = None, texts: Sequence[str] | None = None,
                  keys: Sequence[str] | None = None, tags: Sequence[str] = (), cfg: DocsConfig | None = None,
-                 limit: int | None = None) -> CollectionRecord:
-        """Add a collection from a ``source`` (file or corpus, as ``--data``) or from ``texts``."""
+                 limit: int | None = None, owner: str | None = None, public: bool = False) -> CollectionRecord:
+        """Add a collection from a ``source`` (file or corpus, as ``--data``) or from ``texts``; ``owner`` (a
+        tenant; None = shared with every tenant) and ``public`` as for adapters."""
         from loramix.documents import read_source
 
         cfg = cfg or DocsConfig()
@@ -283,7 +284,8 @@ class Loramix:
         if source is not None:
             texts, keys = read_source(source, limit)
         return self.docs.add(name, list(texts or []), self.retriever.encoder, keys=keys, tags=tags,
-                             source=source or "", chunk_words=cfg.chunk_words, chunk_overlap=cfg.chunk_overlap)
+                             source=source or "", chunk_words=cfg.chunk_words, chunk_overlap=cfg.chunk_overlap,
+                             owner=owner, public=public)
 
     def remove_docs(self, name: str) -> CollectionRecord:
         return self.docs.remove(name)

@@ -45,10 +45,14 @@ def docs_add(source: Annotated[str, typer.Argument(help="A .txt or .jsonl file, 
              chunk_words: Annotated[int, typer.Option("--chunk-words", help="Words per chunk.")] = _D.chunk_words,
              overlap: Annotated[int, typer.Option("--overlap", help="Words shared by consecutive chunks.")] = _D.chunk_overlap,
              limit: Annotated[int | None, typer.Option("--limit", help="Read at most this many documents.")] = None,
+             tenant: Annotated[str | None, typer.Option("--tenant", help="Owner tenant: only it (and the operator) "
+                                                        "reads the collection over HTTP; default: shared by all.")] = None,
+             public: Annotated[bool, typer.Option("--public", help="With --tenant: every tenant may read it.")] = False,
              home: Home = None, as_json: Json = False) -> None:
     """Chunk, embed and store a source as a new collection (all of it or nothing)."""
     cfg = DocsConfig(chunk_words=chunk_words, chunk_overlap=overlap)
-    rec = _engine(home).add_docs(collection, source=source, tags=_csv(tags), cfg=cfg, limit=limit)
+    rec = _engine(home).add_docs(collection, source=source, tags=_csv(tags), cfg=cfg, limit=limit, owner=tenant,
+                                 public=public)
     if as_json:
         _print_json(rec.to_dict())
     else:
@@ -62,9 +66,10 @@ def docs_list(home: Home = None, as_json: Json = False) -> None:
     if as_json:
         _print_json([r.to_dict() for r in recs])
         return
-    table = Table("name", "id", "docs", "chunks", "tags", "source")
+    table = Table("name", "id", "docs", "chunks", "tags", "owner", "source")
     for r in recs:
-        table.add_row(r.name, r.id, str(r.n_docs), str(r.n_chunks), ",".join(r.tags), r.source[:50])
+        owner = "(shared)" if r.owner is None else r.owner + (" (public)" if r.public else "")
+        table.add_row(r.name, r.id, str(r.n_docs), str(r.n_chunks), ",".join(r.tags), owner, r.source[:50])
     out.print(table)
 
 
@@ -93,10 +98,13 @@ def docs_rm(name: str, home: Home = None) -> None:
 @docs_app.command("search")
 def docs_search(query: str, docs: Annotated[str, typer.Option("--docs", help="Collections (names, tag:NAME).")],
                 passages: Annotated[int, typer.Option("--passages")] = 5,
-                fusion: Annotated[str, typer.Option("--fusion", help="rrf | dense | bm25.")] = _D.fusion,
+                fusion: Annotated[str, typer.Option("--fusion", help="rrf | mix | dense | bm25.")] = _D.fusion,
+                dense_weight: Annotated[float, typer.Option("--dense-weight",
+                                                            help="fusion mix: weight of dense (rest BM25).")] = _D.dense_weight,
                 home: Home = None, as_json: Json = False) -> None:
     """Retrieve passages for a query (no language model involved)."""
-    got = _engine(home).retrieve(query, DocsConfig(collections=_csv(docs), passages=passages, fusion=fusion))
+    got = _engine(home).retrieve(query, DocsConfig(collections=_csv(docs), passages=passages, fusion=fusion,
+                                                   dense_weight=dense_weight))
     if as_json:
         _print_json([p.to_dict(with_text=True) for p in got])
         return

@@ -143,7 +143,8 @@ def register(app: typer.Typer, adapters_app: typer.Typer) -> None:
     @app.command("stats")
     def stats(home: Home = None, as_json: Json = False) -> None:
         """Library statistics: counts, bytes on disk, use histogram, packs; plus the last snapshot a running
-        engine wrote (loaded adapters, slot / memory-tier / routing-cache hit rates)."""
+        engine wrote (loaded adapters, slot / memory-tier / routing-cache / retrieval-cache / passage KV
+        prefix cache hit rates; a server writes it every few seconds while it generates)."""
         from loramix.maintain import library_stats
         from loramix.store import Library
 

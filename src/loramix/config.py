@@ -257,7 +257,7 @@ class RouterTrainConfig:
         return 0.1 if self.objective == "kl" else 0.03
 
 
-FUSIONS = ("rrf", "dense", "bm25")
+FUSIONS = ("rrf", "mix", "dense", "bm25")
 
 
 @dataclass
@@ -266,16 +266,18 @@ class DocsConfig:
 
     ``collections``: collection names, ``tag:NAME`` (every collection carrying the tag) or ``auto``
     (collections sharing a tag with the routed adapters). Dense and BM25 each give ``candidates``
-    chunks; ``fusion`` ranks them (reciprocal rank fusion with constant ``rrf_k``, or one retriever
-    alone); with ``rerank`` the top ``rerank_top`` are re-ordered by the language model's loss of the
+    chunks; ``fusion`` ranks them: ``rrf`` (reciprocal rank fusion with constant ``rrf_k``), ``mix`` (a
+    weighted sum of each retriever's min-max normalised scores, ``dense_weight`` on dense, the rest on
+    BM25; 1.0 ranks like dense alone), or one retriever alone; with ``rerank`` the top ``rerank_top`` are re-ordered by the language model's loss of the
     query given each passage. ``passages`` chunks go into the prompt, at most ``budget`` tokens of them.
     """
 
     collections: list[str] = field(default_factory=list)
     passages: int = 3  # passages placed in the prompt
     candidates: int = 30  # chunks taken from each retriever before fusion
-    fusion: str = "rrf"  # rrf | dense | bm25
+    fusion: str = "rrf"  # rrf | mix | dense | bm25
     rrf_k: int = 60
+    dense_weight: float = 0.5  # fusion="mix": weight of the dense score (1 - it on BM25's)
     rerank: bool = False  # re-order by the LM's loss of the query given each passage (Atlas-style)
     rerank_top: int = 10  # fused candidates the LM scores
     budget: int = 384  # tokens of passages in the prompt
@@ -287,6 +289,8 @@ class DocsConfig:
             raise ConfigError(f"unknown fusion {self.fusion!r}; expected one of {', '.join(FUSIONS)}")
         if self.passages < 0 or self.candidates < 1 or self.rerank_top < 1 or self.rrf_k < 1:
             raise ConfigError("passages must be >= 0 and candidates, rerank_top, rrf_k >= 1")
+        if not 0.0 <= self.dense_weight <= 1.0:
+            raise ConfigError(f"dense_weight must be in [0, 1], got {self.dense_weight}")
         if self.budget < 16:
             raise ConfigError(f"budget must be at least 16 tokens, got {self.budget}")
         if self.chunk_words < 8 or not 0 <= self.chunk_overlap < self.chunk_words:

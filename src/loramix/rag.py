@@ -19,7 +19,7 @@ import torch
 from loramix.base import maybe_autocast
 from loramix.config import DocsConfig, GenerateConfig, RouteConfig, TrainConfig
 from loramix.documents import Passage, passage_prompt
-from loramix.errors import TrainingError
+from loramix.errors import AdapterNotFound, TrainingError
 
 if TYPE_CHECKING:
     from loramix.app import Answer, Loramix
@@ -41,15 +41,23 @@ def pair_scorer(eng: Loramix, mixture: Mixture) -> Callable[[list[list[int]], li
 
 
 def _route_tags(eng: Loramix, mixture: Mixture) -> list[str]:
-    return [t for aid, _ in mixture for t in eng.library.get(aid).domain_tags]
+    """Domain tags of the mixture's library adapters (runtime and merged adapters carry none)."""
+    tags: list[str] = []
+    for aid, _ in mixture:
+        try:
+            tags += eng.library.get(aid).domain_tags
+        except AdapterNotFound:
+            continue
+    return tags
 
 
-def retrieve(eng: Loramix, query: str, cfg: DocsConfig, mixture: Mixture = ()) -> list[Passage]:
-    """Passages for ``query``; the reranker (``cfg.rerank``) scores with the base model under ``mixture``."""
+def retrieve(eng: Loramix, query: str, cfg: DocsConfig, mixture: Mixture = (), tenant: str | None = None) -> list[Passage]:
+    """Passages for ``query`` from the collections ``tenant`` may read; the reranker (``cfg.rerank``)
+    scores with the base model under ``mixture``."""
     scorer = pair_scorer(eng, mixture) if cfg.rerank else None
     key = ",".join(f"{a}:{w:.4f}" for a, w in mixture)
     return eng.retriever.retrieve(query, cfg, _route_tags(eng, mixture) if mixture else (), scorer=scorer,
-                                  tokenizer=eng.base.tokenizer if cfg.rerank else None, scorer_key=key)
+                                  tokenizer=eng.base.tokenizer if cfg.rerank else None, scorer_key=key, tenant=tenant)
 
 
 def _shown(passages: Sequence[Passage]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from loramix.config import DocsConfig
-from loramix.documents import DocStore, Retriever, chunk_text, read_source, rrf
+from loramix.documents import DocStore, Retriever, chunk_text, mix_scores, read_source, rrf
 from loramix.errors import CollectionNotFound, ConfigError, DocumentError
 from loramix.testing import HashEncoder
 
@@ -140,6 +140,24 @@ def test_rrf_and_fused_retrieval(tmp_path: Path) -> None:
     exact = r.retrieve(TEXTS[3], DocsConfig(collections=["facts"], passages=1, fusion="dense"))
     assert exact[0].key == "compiler" and exact[0].ranks == {"dense": 1}  # HashEncoder: same text, same vector
     assert r.retrieve("acid", DocsConfig(collections=["facts"], passages=0)) == []
+
+
+def test_mix_fusion_weights_and_ends(tmp_path: Path) -> None:
+    got = dict(mix_scores([("a", 0.9), ("b", 0.5)], [("b", 12.0), ("c", 4.0)], 0.25))
+    assert got == pytest.approx({"a": 0.25, "b": 1.0 * 0.75 + 0.0 * 0.25, "c": 0.0})  # min-max: a 1/b 0 dense, b 1/c 0 bm25
+    s = DocStore(tmp_path)
+    enc = HashEncoder()
+    s.add("facts", TEXTS, enc, keys=["zebra", "acid", "oak", "compiler"], chunk_words=200)
+    r = Retriever(s, enc)
+    q = "what does an acid form with a base"
+
+    def ids(fusion: str, w: float = 0.5) -> list[str]:
+        return [p.id for p in r.retrieve(q, DocsConfig(collections=["facts"], passages=4, fusion=fusion, dense_weight=w))]
+
+    assert ids("mix", 1.0) == ids("dense")  # HashEncoder ranks all 4 chunks: weight 1 is dense alone
+    assert ids("mix", 0.0)[0] == ids("bm25")[0] and ids("mix", 0.0) != ids("mix", 1.0)
+    with pytest.raises(ConfigError, match="dense_weight"):
+        DocsConfig(fusion="mix", dense_weight=1.5)
 
 
 def test_retrieval_cache_hits_and_invalidation(tmp_path: Path) -> None:

@@ -100,3 +100,18 @@ def test_cli_train_experts(tmp_path: Path, tiny_base_dir: Path, encoder: Encoder
     assert result.exit_code == 0, result.output
     res = json.loads(result.stdout.strip().splitlines()[-1])
     assert res["ari"] > 0.9 and [s["name"] for s in res["segments"]] == ["seg-0", "seg-1"]
+
+
+def test_a_time_cap_before_the_first_evaluation_keeps_the_trained_weights(tiny_base_dir: Path) -> None:
+    """Stopped on time between evaluations, the last weights are evaluated and compete with the best so far
+    (before, a cap hit ahead of the first evaluation handed back the untrained, all-zero adapter)."""
+    from loramix.train.expert import train_expert
+
+    texts = [f"the {w} sat on the mat and looked at the {w} again" for w in ("cat", "dog", "owl", "fox")] * 8
+    cfg = TrainConfig(steps=60, batch_size=2, seq_len=16, eval_every=10, patience=5, max_seconds=0.0, min_delta=-1.0)
+    w, rep = train_expert(str(tiny_base_dir), texts, cfg, progress=False)
+    assert rep.stop_reason == "time" and rep.steps == 1 and [s for s, _ in rep.eval_curve] == [0, 1]
+    assert rep.best_step == 1 and any(float(b.abs().max()) > 0 for _, b in w.layers.values())
+    cfg = TrainConfig(steps=60, batch_size=2, seq_len=16, eval_every=10, patience=5, max_seconds=0.0, min_delta=100.0)
+    w, rep = train_expert(str(tiny_base_dir), texts, cfg, progress=False)
+    assert rep.best_step == 0 and all(float(b.abs().max()) == 0.0 for _, b in w.layers.values())  # no gain: step 0

@@ -5,7 +5,7 @@ Named ``documents`` (not ``docs``) so it never shadows the repository's ``docs/`
 
 from loramix.documents.kvcache import Prefill, PrefixKVCache
 from loramix.documents.prompt import PassagePrompt, passage_prompt
-from loramix.documents.retrieve import Passage, Retriever, lm_rerank, rrf
+from loramix.documents.retrieve import Passage, Retriever, lm_rerank, mix_scores, rrf
 from loramix.documents.sources import read_source
 from loramix.documents.store import Chunk, CollectionRecord, DocStore, chunk_text
 
@@ -20,6 +20,7 @@ __all__ = [
     "Retriever",
     "chunk_text",
     "lm_rerank",
+    "mix_scores",
     "passage_prompt",
     "read_source",
     "rrf",

@@ -43,6 +43,7 @@ class PrefixKVCache:
         self._lock = threading.Lock()
         self.lookups = 0
         self.hits = 0
+        self.passage_hits = 0  # hits that reused at least one passage (not only the prompt's head)
         self.tokens_reused = 0
         self.tokens_prefilled = 0
         self.generation = 0  # the owner bumps it (via clear) when collections change
@@ -69,6 +70,7 @@ class PrefixKVCache:
                     self._entries.move_to_end((scope, tuple(ids[:b])))
                     start, past = b, copy.deepcopy(hit)
                     self.hits += 1
+                    self.passage_hits += int(b > min(boundaries))  # past the head: a passage reused
                     break
         out = forward(torch.tensor([ids[start:]]), past)  # (1, t) -> logits (1, t, V)
         cache = out.past_key_values
@@ -86,6 +88,8 @@ class PrefixKVCache:
         return Prefill(out.logits, cache, start, time.perf_counter() - t0)
 
     def stats(self) -> dict[str, Any]:
-        return {"lookups": self.lookups, "hits": self.hits, "entries": len(self._entries),
-                "hit_rate": round(self.hits / self.lookups, 4) if self.lookups else 0.0,
+        n = self.lookups
+        return {"lookups": n, "hits": self.hits, "passage_hits": self.passage_hits, "entries": len(self._entries),
+                "hit_rate": round(self.hits / n, 4) if n else 0.0,
+                "passage_hit_rate": round(self.passage_hits / n, 4) if n else 0.0,
                 "tokens_reused": self.tokens_reused, "tokens_prefilled": self.tokens_prefilled}

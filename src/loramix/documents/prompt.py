@@ -5,6 +5,8 @@ then the query and the template tail), so the token offsets after the head and a
 are exact: they are the points where a KV prefix cache may resume (see :mod:`.kvcache`).
 ``chat=True`` wraps passages and query in the tokenizer's chat template (for generation);
 ``chat=False`` prepends the passages to the text as plain context (for scoring a continuation).
+With ``messages`` (a whole chat), the passages go at the start of the last user message and the
+earlier turns are part of the template head.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loramix.documents.retrieve import Passage
+from loramix.errors import ConfigError
 
 __all__ = ["PassagePrompt", "passage_prompt"]
 
@@ -29,11 +32,20 @@ class PassagePrompt:
     passage_tokens: int = 0
 
 
-def _template_parts(tokenizer: Any) -> tuple[str, str]:
+def _template_parts(tokenizer: Any, messages: Sequence[dict[str, Any]] | None = None) -> tuple[str, str]:
+    """The chat template's text before and after the last user message's content."""
+    msgs = [dict(m) for m in messages] if messages else [{"role": "user", "content": ""}]
+    last = max((i for i, m in enumerate(msgs) if m.get("role") == "user"), default=None)
+    if last is None:
+        raise ConfigError("passages go into the last user message, and this chat has none; expected a message "
+                          "with role 'user'")
+    msgs[last]["content"] = _SENTINEL
     if not getattr(tokenizer, "chat_template", None):
-        return "", ""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False,
-                                         add_generation_prompt=True)
+        if messages is None:
+            return "", ""
+        text = "\n".join(f"{m.get('role', 'user')}: {m.get('content')}" for m in msgs) + "\nassistant:"
+    else:
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     head, _, tail = str(text).partition(_SENTINEL)
     return head, tail
 
@@ -43,9 +55,11 @@ def _ids(tokenizer: Any, text: str) -> list[int]:
 
 
 def passage_prompt(tokenizer: Any, query: str, passages: Sequence[Passage], budget: int,
-                   chat: bool = True) -> PassagePrompt:
-    """Token ids of ``[head][passages...][query + tail]`` with at most ``budget`` passage tokens."""
-    head, tail = _template_parts(tokenizer) if chat else ("", "")
+                   chat: bool = True, messages: Sequence[dict[str, Any]] | None = None) -> PassagePrompt:
+    """Token ids of ``[head][passages...][query + tail]`` with at most ``budget`` passage tokens.
+
+    ``messages`` (with ``chat``): the whole chat; ``query`` must be its last user message's text."""
+    head, tail = _template_parts(tokenizer, messages) if chat else ("", "")
     used: list[Passage] = []
     blocks: list[list[int]] = []
     spent = 0

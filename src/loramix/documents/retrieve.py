@@ -21,8 +21,9 @@ from loramix.documents.store import CollectionRecord, DocStore, TextEncoder
 from loramix.errors import DocumentError
 from loramix.route.index import KeyIndex
 from loramix.route.lexical import BM25
+from loramix.store.tenancy import visible_to
 
-__all__ = ["Passage", "Retriever", "rrf"]
+__all__ = ["Passage", "Retriever", "mix_scores", "rrf"]
 
 # scorer(prompt token ids, target token ids) -> mean NLL of each target given its prompt
 PairScorer = Callable[[list[list[int]], list[list[int]]], list[float]]
@@ -53,6 +54,22 @@ def rrf(rankings: Sequence[Sequence[str]], k: int = 60) -> list[tuple[str, float
     for ranking in rankings:
         for r, doc in enumerate(ranking, 1):
             scores[doc] = scores.get(doc, 0.0) + 1.0 / (k + r)
+    return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+def mix_scores(dense: Sequence[tuple[str, float]], lexical: Sequence[tuple[str, float]],
+               dense_weight: float) -> list[tuple[str, float]]:
+    """Convex mix of the two retrievers' min-max normalised scores (a chunk missing from one list
+    scores 0 there), best first; ``dense_weight`` 1.0 keeps the dense order, 0.0 BM25's."""
+
+    def norm(pairs: Sequence[tuple[str, float]]) -> dict[str, float]:
+        if not pairs:
+            return {}
+        lo, hi = min(s for _, s in pairs), max(s for _, s in pairs)
+        return {cid: (s - lo) / (hi - lo) if hi > lo else 1.0 for cid, s in pairs}
+
+    d, b = norm(dense), norm(lexical)
+    scores = {cid: dense_weight * d.get(cid, 0.0) + (1 - dense_weight) * b.get(cid, 0.0) for cid in {*d, *b}}
     return sorted(scores.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
@@ -111,51 +128,59 @@ class Retriever:
             self._bm25 = bm
         return self._bm25
 
-    def collections(self, specs: Sequence[str], route_tags: Sequence[str] = ()) -> list[CollectionRecord]:
-        """Resolve names, ``tag:NAME`` and ``auto`` (collections sharing a tag with ``route_tags``)."""
+    def collections(self, specs: Sequence[str], route_tags: Sequence[str] = (),
+                    tenant: str | None = None) -> list[CollectionRecord]:
+        """Resolve names, ``tag:NAME`` and ``auto`` (collections sharing a tag with ``route_tags``) among the
+        collections ``tenant`` may read (None: all); an unreadable name raises like a missing one."""
         self.sync()
+        readable = [r for r in self._collections.values() if visible_to(r.owner, r.public, tenant)]
         out: dict[str, CollectionRecord] = {}
         for spec in specs:
             if spec.startswith("tag:"):
                 tag = spec[4:]
-                picked = [r for r in self._collections.values() if tag in r.tags]
+                picked = [r for r in readable if tag in r.tags]
                 if not picked:
                     raise DocumentError(f"no collection carries the tag {tag!r}; tags in use: "
-                                        f"{sorted({t for r in self._collections.values() for t in r.tags}) or 'none'}")
+                                        f"{sorted({t for r in readable for t in r.tags}) or 'none'}")
             elif spec == "auto":
                 wanted = {t.lower() for t in route_tags}
-                picked = [r for r in self._collections.values() if wanted & {t.lower() for t in r.tags}]
+                picked = [r for r in readable if wanted & {t.lower() for t in r.tags}]
             else:
-                picked = [self._collections[spec] if spec in self._collections else self.store.get(spec)]
+                rec = self._collections.get(spec)
+                ok = rec is not None and visible_to(rec.owner, rec.public, tenant)
+                picked = [rec if ok and rec is not None else self.store.get(spec, tenant=tenant)]
             out.update((r.name, r) for r in picked)
         return list(out.values())
 
     # --- retrieval ----------------------------------------------------------------------------
     def candidates(self, query: str, collections: Sequence[CollectionRecord], cfg: DocsConfig,
-                   qvec: np.ndarray | None = None) -> dict[str, list[str]]:
-        """Ranked chunk ids per retriever (dense, bm25) within ``collections``."""
+                   qvec: np.ndarray | None = None) -> dict[str, list[tuple[str, float]]]:
+        """Ranked (chunk id, score) pairs per retriever (dense, bm25) within ``collections``."""
         allowed = set().union(*(self._members.get(c.id, set()) for c in collections)) if collections else set()
         if not allowed:
             return {"dense": [], "bm25": []}
-        out: dict[str, list[str]] = {}
-        if cfg.fusion in ("rrf", "dense"):
+        out: dict[str, list[tuple[str, float]]] = {}
+        if cfg.fusion != "bm25":
             q = qvec if qvec is not None else self.encoder.encode([query])
-            out["dense"] = [cid for cid, _ in self.index.search(np.asarray(q).reshape(1, -1), cfg.candidates, allowed)[0]]
-        if cfg.fusion in ("rrf", "bm25"):
-            out["bm25"] = [cid for cid, _ in self._lexical().top(query, cfg.candidates, allowed)]
+            out["dense"] = self.index.search(np.asarray(q).reshape(1, -1), cfg.candidates, allowed)[0]
+        if cfg.fusion != "dense":
+            out["bm25"] = self._lexical().top(query, cfg.candidates, allowed)
         return out
 
     def retrieve(self, query: str, cfg: DocsConfig, route_tags: Sequence[str] = (),
-                 scorer: PairScorer | None = None, tokenizer: Any = None, scorer_key: str = "") -> list[Passage]:
-        """The top ``cfg.passages`` passages for ``query`` (reranked by ``scorer`` when ``cfg.rerank``).
-
-        ``scorer_key`` names the scoring model and mixture, so reranked results are cached per mixture.
-        """
-        if cfg.passages == 0 or not cfg.collections:
+                 scorer: PairScorer | None = None, tokenizer: Any = None, scorer_key: str = "",
+                 tenant: str | None = None) -> list[Passage]:
+        """The top ``cfg.passages`` passages for ``query`` (reranked by ``scorer`` when ``cfg.rerank``) from
+        the collections ``tenant`` may read. ``scorer_key`` names the scoring model and mixture, so reranked
+        results are cached per mixture; the cache key holds the resolved collections, so two tenants share
+        an entry only when they search the same collections."""
+        if not cfg.collections:
             return []
-        cols = self.collections(cfg.collections, route_tags)
+        cols = self.collections(cfg.collections, route_tags, tenant)  # unknown names fail even with passages=0
+        if cfg.passages == 0:
+            return []
         key = (query, tuple(sorted(c.name for c in cols)), cfg.passages, cfg.candidates, cfg.fusion, cfg.rrf_k,
-               cfg.rerank, cfg.rerank_top, scorer_key if cfg.rerank else "")
+               cfg.dense_weight, cfg.rerank, cfg.rerank_top, scorer_key if cfg.rerank else "")
         with self._lock:
             if key in self._cache:
                 self.hits += 1
@@ -173,8 +198,11 @@ class Retriever:
              scorer: PairScorer | None = None, tokenizer: Any = None, qvec: np.ndarray | None = None) -> list[Passage]:
         """Every fused candidate as a Passage, best first (no cache)."""
         cands = self.candidates(query, collections, cfg, qvec)
-        fused = rrf(list(cands.values()), cfg.rrf_k)
-        ranks = {name: {cid: r for r, cid in enumerate(ids, 1)} for name, ids in cands.items()}
+        if cfg.fusion == "mix":
+            fused = mix_scores(cands["dense"], cands["bm25"], cfg.dense_weight)
+        else:
+            fused = rrf([[cid for cid, _ in pairs] for pairs in cands.values()], cfg.rrf_k)
+        ranks = {name: {cid: r for r, (cid, _) in enumerate(pairs, 1)} for name, pairs in cands.items()}
         chunks = {ch.id: ch for ch in self.store.chunks([cid for cid, _ in fused])}
         out = [Passage(ch.collection, ch.id, ch.key, ch.text, s,
                        {n: rk[cid] for n, rk in ranks.items() if cid in rk})

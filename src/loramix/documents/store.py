@@ -5,6 +5,12 @@ lock). A collection is added in one ``BEGIN IMMEDIATE`` transaction after every 
 and checked, so a failed or killed import leaves nothing behind: a collection is whole or gone.
 Every change bumps a ``generation`` counter that caches (retrieval, passage KV) compare against.
 The faiss index over chunk vectors is a cache of this table, kept by :class:`loramix.route.index.KeyIndex`.
+
+Tenancy follows the adapters' rule (:mod:`loramix.store.tenancy`): a collection's ``owner`` is a tenant
+name, or NULL for the operator's shared collections, which every tenant reads; ``public`` opens an owned
+collection to every tenant. A ``tenant`` of None means no filter (the operator, the CLI); any other
+tenant sees shared, public and its own collections, and another tenant's private collection reads
+exactly like a missing one. Names stay unique across all tenants.
 """
 
 from __future__ import annotations
@@ -25,17 +31,19 @@ from typing import Any, Protocol
 import numpy as np
 
 from loramix.config import home_dir
-from loramix.errors import CollectionNotFound, DocumentError
+from loramix.errors import CollectionNotFound, DocumentError, LoramixError
+from loramix.store.sqlite import open_db, schema_version
+from loramix.store.tenancy import check_tenant, visible_to
 
 __all__ = ["Chunk", "CollectionRecord", "DocStore", "chunk_text"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: collections.owner, collections.public (tenancy)
 SCHEMA = (
     """CREATE TABLE IF NOT EXISTS collections (
         id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, tags TEXT NOT NULL DEFAULT '[]',
         source TEXT NOT NULL DEFAULT '', created REAL NOT NULL, chunk_words INTEGER NOT NULL,
         chunk_overlap INTEGER NOT NULL, n_docs INTEGER NOT NULL, n_chunks INTEGER NOT NULL,
-        encoder TEXT NOT NULL, dim INTEGER NOT NULL)""",
+        encoder TEXT NOT NULL, dim INTEGER NOT NULL, owner TEXT, public INTEGER NOT NULL DEFAULT 0)""",
     """CREATE TABLE IF NOT EXISTS chunks (
         id TEXT PRIMARY KEY, collection_id TEXT NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
         doc INTEGER NOT NULL, seq INTEGER NOT NULL, key TEXT NOT NULL, text TEXT NOT NULL, vec BLOB NOT NULL)""",
@@ -68,6 +76,8 @@ class CollectionRecord:
     n_chunks: int
     encoder: str
     dim: int
+    owner: str | None = None  # tenant; None = the operator's shared collection (every tenant reads it)
+    public: bool = False  # an owned collection every tenant reads
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -103,7 +113,17 @@ def _record(row: sqlite3.Row) -> CollectionRecord:
     return CollectionRecord(id=row["id"], name=row["name"], tags=json.loads(row["tags"]), source=row["source"],
                             created=float(row["created"]), chunk_words=int(row["chunk_words"]),
                             chunk_overlap=int(row["chunk_overlap"]), n_docs=int(row["n_docs"]),
-                            n_chunks=int(row["n_chunks"]), encoder=row["encoder"], dim=int(row["dim"]))
+                            n_chunks=int(row["n_chunks"]), encoder=row["encoder"], dim=int(row["dim"]),
+                            owner=row["owner"], public=bool(row["public"]))
+
+
+def _migrate(c: sqlite3.Connection) -> None:
+    """Schema 1 -> 2: the tenancy columns (idempotent)."""
+    cols = {r[1] for r in c.execute("PRAGMA table_info(collections)")}
+    if "owner" not in cols:
+        c.execute("ALTER TABLE collections ADD COLUMN owner TEXT")
+    if "public" not in cols:
+        c.execute("ALTER TABLE collections ADD COLUMN public INTEGER NOT NULL DEFAULT 0")
 
 
 def _check_tags(tags: Iterable[str]) -> list[str]:
@@ -124,23 +144,17 @@ class DocStore:
         self.home.mkdir(parents=True, exist_ok=True)
         self.db_path = self.home / "docs.sqlite"
         self._lock = threading.RLock()
+        self._conn = open_db(self.db_path, busy_timeout, DocumentError, "document store")
         try:
-            self._conn = sqlite3.connect(self.db_path, timeout=busy_timeout, isolation_level=None,
-                                         check_same_thread=False)
-            self._conn.row_factory = sqlite3.Row
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-            self._conn.execute("PRAGMA journal_mode = WAL")
-            self._conn.execute("PRAGMA foreign_keys = ON")
-            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.Error as e:
-            raise DocumentError(f"cannot open the document store {self.db_path}: {e}") from e
-        if version > SCHEMA_VERSION:
-            raise DocumentError(f"{self.db_path} has schema version {version}; this loramix reads up to "
-                                f"{SCHEMA_VERSION}: upgrade loramix")
+            version = schema_version(self._conn, self.db_path, SCHEMA_VERSION, DocumentError)
+        except BaseException:
+            self._conn.close()
+            raise
         if version < SCHEMA_VERSION:
             with self._write() as c:
                 for stmt in SCHEMA:
                     c.execute(stmt)
+                _migrate(c)
                 c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
@@ -179,18 +193,21 @@ class DocStore:
         rows = self._read("SELECT v FROM state WHERE k = 'generation'")
         return int(rows[0]["v"]) if rows else 0
 
-    def list(self, tags: Sequence[str] | None = None) -> list[CollectionRecord]:
+    def list(self, tags: Sequence[str] | None = None, tenant: str | None = None) -> list[CollectionRecord]:
+        """Collections (carrying all of ``tags``) that ``tenant`` may read (None: all)."""
         recs = [_record(r) for r in self._read("SELECT * FROM collections ORDER BY name")]
         if tags:
             recs = [r for r in recs if set(tags) <= set(r.tags)]
-        return recs
+        return [r for r in recs if visible_to(r.owner, r.public, tenant)]
 
-    def get(self, name: str) -> CollectionRecord:
+    def get(self, name: str, tenant: str | None = None) -> CollectionRecord:
+        """A collection by name or id; CollectionNotFound when missing or not readable by ``tenant``."""
         rows = self._read("SELECT * FROM collections WHERE name = ? OR id = ?", (name, name))
+        rows = [r for r in rows if visible_to(r["owner"], bool(r["public"]), tenant)]
         if not rows:
-            names = [r.name for r in self.list()]
+            names = [r.name for r in self.list(tenant=tenant)]
             have = f"; collections: {', '.join(names)}" if names else "; there are none (add one with `loramix docs add`)"
-            raise CollectionNotFound(f"no document collection named {name!r} in {self.home}{have}")
+            raise CollectionNotFound(f"no document collection named {name!r}{have}")  # no path: servers show it
         return _record(rows[0])
 
     def __contains__(self, name: object) -> bool:
@@ -198,8 +215,15 @@ class DocStore:
 
     def add(self, name: str, texts: Sequence[str], encoder: TextEncoder, keys: Sequence[str] | None = None,
             tags: Iterable[str] = (), source: str = "", chunk_words: int = 96, chunk_overlap: int = 24,
-            batch_size: int = 64) -> CollectionRecord:
-        """Chunk, embed and store ``texts`` as a new collection (all of it, or nothing on any error)."""
+            batch_size: int = 64, owner: str | None = None, public: bool = False) -> CollectionRecord:
+        """Chunk, embed and store ``texts`` as a new collection (all of it, or nothing on any error);
+        ``owner`` (a tenant, None = shared) and ``public`` as in the module doc."""
+        try:
+            owner = check_tenant(owner, "owner")
+        except LoramixError as e:
+            raise DocumentError(str(e)) from None
+        if not isinstance(public, bool):
+            raise DocumentError(f"public is {public!r}; expected True or False")
         if not isinstance(name, str) or not NAME_RE.fullmatch(name) or set(name) == {"."}:
             raise DocumentError(f"invalid collection name {name!r}; expected 1-100 characters from A-Z a-z 0-9 . _ -")
         if name.startswith("tag") and ":" in name or name == "auto":
@@ -232,9 +256,11 @@ class DocStore:
                                 f"{sorted(dims)}; use one encoder for every collection")
         cid = uuid.uuid4().hex[:16]
         with self._write() as c:
-            c.execute("INSERT INTO collections VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            c.execute("INSERT INTO collections (id, name, tags, source, created, chunk_words, chunk_overlap, n_docs, "
+                      "n_chunks, encoder, dim, owner, public) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                       (cid, name, json.dumps(tags), source, time.time(), chunk_words, chunk_overlap, n_docs,
-                       len(rows), getattr(encoder, "name", "?"), int(vecs.shape[1])))
+                       len(rows), getattr(encoder, "name", "?"), int(vecs.shape[1]), owner,
+                       int(public and owner is not None)))
             c.executemany("INSERT INTO chunks VALUES (?,?,?,?,?,?,?)",
                           [(f"{cid}-{d}-{s}", cid, d, s, k, t, v.tobytes())
                            for (d, s, k, t), v in zip(rows, vecs, strict=True)])

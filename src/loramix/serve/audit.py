@@ -20,14 +20,16 @@ from loramix.errors import (
     AccessDenied,
     AdapterExists,
     AdapterNotFound,
+    CollectionNotFound,
     ConfigError,
+    DocumentError,
     InvalidAdapter,
     LoramixError,
     MergeError,
     Overloaded,
     RoutingError,
 )
-from loramix.serve.engine import Engine, Event, Handle, MergeRecipe, Resolved
+from loramix.serve.engine import Augmented, DocsRequest, Engine, Event, Handle, MergeRecipe, Resolved
 from loramix.serve.metrics import EngineStats, Metrics
 from loramix.serve.scheduler import FinishEvent, GenRequest
 
@@ -37,13 +39,13 @@ log = logging.getLogger("loramix.serve")
 
 
 def outcome_of_error(exc: BaseException) -> str:
-    if isinstance(exc, AdapterNotFound):
+    if isinstance(exc, AdapterNotFound | CollectionNotFound):
         return "not_found"
     if isinstance(exc, AccessDenied):
         return "denied"
     if isinstance(exc, Overloaded):
         return "overloaded"
-    if isinstance(exc, AdapterExists | InvalidAdapter | ConfigError | MergeError | RoutingError):
+    if isinstance(exc, AdapterExists | InvalidAdapter | ConfigError | MergeError | RoutingError | DocumentError):
         return "invalid"
     return "error"
 
@@ -134,6 +136,17 @@ class AuditedEngine:
     def score(self, text: str, resolved: Resolved) -> dict[str, Any]:
         return self.inner.score(text, resolved)  # not audited: Engine.score carries no tenant
 
+    def augment(self, resolved: Resolved, docs: DocsRequest, tenant: str | None,
+                messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> Augmented:
+        """Passages for a request; a refusal (unknown or unreadable collection) is audited as ``retrieve``,
+        the passages used go into the generation's audit row."""
+        try:
+            return self.inner.augment(resolved, docs, tenant, messages, prompt)
+        except LoramixError as e:
+            self._audit("retrieve", tenant, None, outcome_of_error(e),
+                        {"docs": list(docs.collections), "error": str(e)[:300]})
+            raise
+
     def submit(self, req: GenRequest, on_event: Callable[[Event], None]) -> Handle:
         return self.inner.submit(req, on_event)
 
@@ -145,6 +158,8 @@ class AuditedEngine:
         detail: dict[str, Any] = {"finish_reason": finish.reason, "prompt_tokens": finish.prompt_tokens,
                                   "generated_tokens": finish.generated_tokens, "routed": resolved.routed,
                                   "weights": [round(float(a["weight"]), 4) for a in resolved.adapters]}
+        if resolved.passages is not None:
+            detail["passages"] = [f"{p['collection']}:{p['id']}" for p in resolved.passages]
         if finish.error:
             detail["error"] = finish.error[:300]
         self._audit("generate", tenant, _names(resolved), outcome, detail)

@@ -6,17 +6,62 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Annotated, Any
 
 from fastapi import Request
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from loramix.serve.engine import Engine, GenerationFailed, Resolved, stream_events
+from loramix.config import RouteConfig
+from loramix.serve.engine import DocsRequest, Engine, GenerationFailed, Resolved, stream_events
 from loramix.serve.errors import ApiError
 from loramix.serve.scheduler import FinishEvent, GenRequest, SamplingParams, TokenEvent
 from loramix.serve.settings import ServeSettings
 
-__all__ = ["Generation", "Principal", "engine_of", "get_principal", "run_in_threadpool", "sampling", "settings_of"]
+__all__ = ["Generation", "LoramixOptions", "Principal", "augment", "engine_of", "get_principal", "route_cfg",
+           "run_in_threadpool", "sampling", "settings_of"]
+
+
+class LoramixOptions(BaseModel):
+    """The request's ``loramix`` object (OpenAI: the body's ``loramix``, the client's ``extra_body``; LoRAX:
+    ``parameters.loramix``): routing options for ``auto``, and documents to retrieve passages from."""
+
+    model_config = ConfigDict(extra="ignore")
+    k: Annotated[int, Field(ge=1, le=64)] | None = None
+    strategy: str | None = None
+    tags: list[str] | None = None
+    temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
+    docs: Annotated[list[str], Field(min_length=1, max_length=16)] | None = None  # names, tag:NAME, auto
+    passages: Annotated[int, Field(ge=0, le=16)] | None = None  # passages in the prompt (default 3)
+
+    def docs_request(self) -> DocsRequest | None:
+        if self.docs is None:
+            if self.passages is not None:
+                raise ApiError(400, "loramix.passages is set but loramix.docs is not; name the collections to "
+                                    "retrieve from, e.g. {\"docs\": [\"notes\"], \"passages\": 3}", "loramix.docs")
+            return None
+        return DocsRequest(tuple(self.docs), 3 if self.passages is None else self.passages)
+
+
+def route_cfg(default: RouteConfig, opts: LoramixOptions | None) -> RouteConfig:
+    """The routing options of ``auto`` requests: the request's, else the engine's default."""
+    if opts is None:
+        return default
+    return RouteConfig(k=opts.k or default.k, strategy=opts.strategy or default.strategy, tags=list(opts.tags or []),
+                       temperature=opts.temperature or default.temperature)
+
+
+async def augment(engine: Engine, resolved: Resolved, opts: LoramixOptions | None, tenant: str | None, *,
+                  messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> tuple[list[int], list[int]] | None:
+    """With ``loramix.docs``: (prompt ids with the retrieved passages, passage boundaries), and
+    ``resolved.passages`` set to what the response lists; None without it."""
+    docs = opts.docs_request() if opts is not None else None
+    if docs is None:
+        return None
+    aug = await run_in_threadpool(engine.augment, resolved, docs, tenant, messages, prompt)
+    resolved.passages = aug.passages
+    return aug.ids, aug.boundaries
 
 
 @dataclass(frozen=True)
@@ -79,6 +124,7 @@ class Generation:
     resolved: Resolved
     params: SamplingParams
     tenant: str | None = None
+    boundaries: list[int] = field(default_factory=list)  # passage prefix offsets (the scheduler's KV prefix cache)
 
     def check(self) -> None:
         n = len(self.prompt_ids)
@@ -90,7 +136,8 @@ class Generation:
                            "context_length_exceeded")
 
     async def events(self) -> AsyncGenerator[TokenEvent | FinishEvent, None]:
-        req = GenRequest(prompt_ids=self.prompt_ids, mixture=self.resolved.mixture, params=self.params)
+        req = GenRequest(prompt_ids=self.prompt_ids, mixture=self.resolved.mixture, params=self.params,
+                         prefix_boundaries=list(self.boundaries))
         async for ev in stream_events(self.engine, req, self.settings.request_timeout_s):
             if isinstance(ev, FinishEvent):
                 await run_in_threadpool(self.engine.record, self.resolved, ev, self.tenant)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import logging
 import math
 import threading
 import time
@@ -32,9 +33,11 @@ if TYPE_CHECKING:
     from loramix.serve.metrics import EngineStats
     from loramix.serve.settings import ServeSettings
 
-__all__ = ["Engine", "FakeEngine", "GenerationFailed", "LocalEngine", "MergeRecipe", "RequestTimeout", "Resolved", "stream_events"]
+__all__ = ["Augmented", "DocsRequest", "Engine", "FakeEngine", "GenerationFailed", "LocalEngine", "MergeRecipe",
+           "RequestTimeout", "Resolved", "stream_events"]
 
 Event = TokenEvent | FinishEvent
+log = logging.getLogger("loramix.serve")
 MERGE_STRATEGIES = ("linear", "ties", "dare_linear", "dare_ties")
 
 
@@ -54,13 +57,42 @@ class Resolved:
     adapters: list[dict[str, Any]]  # [{"name", "weight"}] as shown to the client
     routed: bool = False
     route_ms: float = 0.0
+    passages: list[dict[str, Any]] | None = None  # with loramix.docs: [{"collection", "id", "key", "score", ...}]
 
     def header(self) -> str:
         """The ``x-loramix-adapters`` header: ``name:0.700,other:0.300`` (empty for the base model)."""
         return ",".join(f"{a['name']}:{a['weight']:.3f}" for a in self.adapters)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"adapters": self.adapters, "routed": self.routed, "route_ms": round(self.route_ms, 2)}
+        d: dict[str, Any] = {"adapters": self.adapters, "routed": self.routed, "route_ms": round(self.route_ms, 2)}
+        if self.passages is not None:
+            d["passages"] = self.passages
+        return d
+
+
+@dataclass(frozen=True)
+class DocsRequest:
+    """A request's ``loramix: {"docs": [...], "passages": N}``: collections (names, ``tag:NAME``, ``auto``)
+    to retrieve from with the query, and how many passages go into the prompt."""
+
+    collections: tuple[str, ...]
+    passages: int = 3
+
+    def __post_init__(self) -> None:
+        if not self.collections or not all(isinstance(c, str) and c.strip() for c in self.collections):
+            raise ConfigError("loramix.docs must name at least one collection (a name, tag:NAME or auto)")
+        if not 0 <= self.passages <= 16:
+            raise ConfigError(f"loramix.passages must be in [0, 16], got {self.passages}")
+
+
+@dataclass
+class Augmented:
+    """A prompt with retrieved passages in it: token ids, the offsets after the template head and after
+    each passage (where a prefix KV cache may resume), and the passages used as the response lists them."""
+
+    ids: list[int]
+    boundaries: list[int]
+    passages: list[dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -112,6 +144,8 @@ class Engine(Protocol):
     def route(self, query: str, cfg: RouteConfig, tenant: str | None) -> dict[str, Any]: ...
     def default_route(self) -> RouteConfig: ...
     def score(self, text: str, resolved: Resolved) -> dict[str, Any]: ...
+    def augment(self, resolved: Resolved, docs: DocsRequest, tenant: str | None,
+                messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> Augmented: ...
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]: ...
     def text_ids(self, text: str) -> list[int]: ...
     def submit(self, req: GenRequest, on_event: Callable[[Event], None]) -> Handle: ...
@@ -223,6 +257,7 @@ class LocalEngine:
         self._route_lock = threading.Lock()  # the router (lazy construction, index sync) is used one call at a time
         self._sched: Any = None
         self.started = time.time()
+        self._last_snapshot = -math.inf
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,13 +267,14 @@ class LocalEngine:
         _ = lm.base, lm.mixer  # load the base once, now
         eos = self._eos_ids()
         cfg = SchedulerConfig(max_batch=self.settings.max_batch, max_queue=self.settings.max_queue)
-        self._sched = Scheduler(lm.mixer, cfg, eos_ids=eos, lock=lm.lock)
+        self._sched = Scheduler(lm.mixer, cfg, eos_ids=eos, lock=lm.lock, prefix_cache=lm.kv_cache)
         self._sched.start()
 
     def close(self) -> None:
         if self._sched is not None:
             self._sched.stop()
             self._sched = None
+            self._snapshot(force=True)
 
     @property
     def scheduler(self) -> Any:
@@ -322,6 +358,29 @@ class LocalEngine:
     def score(self, text: str, resolved: Resolved) -> dict[str, Any]:
         return {**self.lm.score_mixture(text, resolved.mixture), "adapters": resolved.adapters}
 
+    def augment(self, resolved: Resolved, docs: DocsRequest, tenant: str | None,
+                messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> Augmented:
+        """Retrieve passages for the last user message (or ``prompt``) from the collections ``tenant`` may
+        read, under the row's mixture (``auto`` collections follow its adapters' tags), and build the prompt:
+        passages at the start of the last user message (chat) or before the text (completions)."""
+        from loramix.config import DocsConfig
+        from loramix.documents import passage_prompt
+        from loramix.rag import retrieve
+
+        query = last_user_text(messages) if messages is not None else (prompt or "")
+        if not query.strip():
+            raise ConfigError("nothing to retrieve passages for: the last user message (or prompt) is empty")
+        cfg = DocsConfig(collections=list(docs.collections), passages=docs.passages)
+        with self._route_lock:  # the retriever shares the encoder with the router
+            found = retrieve(self.lm, query, cfg, resolved.mixture, tenant)
+        tok = self.lm.base.tokenizer
+        if messages is not None:
+            msgs = [{"role": m.get("role", "user"), "content": _text_of(m.get("content"))} for m in messages]
+            pp = passage_prompt(tok, query, found, cfg.budget, chat=True, messages=msgs)
+        else:
+            pp = passage_prompt(tok, query, found, cfg.budget, chat=False)
+        return Augmented(pp.ids, pp.boundaries, [p.to_dict() for p in pp.passages])
+
     # --- tokens and generation -----------------------------------------------------------------
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         tok = self.lm.base.tokenizer
@@ -343,6 +402,19 @@ class LocalEngine:
         ids = [aid for aid, _ in resolved.mixture if aid not in self.lm.extra_weights]
         if ids and finish.reason not in ("error", "cancelled"):
             self.lm.library.record_use(ids)
+        self._snapshot()
+
+    def _snapshot(self, force: bool = False) -> None:
+        """The engine's cache counters for ``loramix stats`` (``meta/stats/engine.json``), at most every
+        ``settings.stats_every_s`` seconds, and once more when the server stops."""
+        now = time.monotonic()
+        if not force and now - self._last_snapshot < self.settings.stats_every_s:
+            return
+        self._last_snapshot = now
+        try:
+            self.lm.write_stats()
+        except OSError as e:  # a full disk must not fail a generation
+            log.warning("could not write the stats snapshot: %s", e)
 
     # --- library ---------------------------------------------------------------------------------
     def list_adapters(self, tenant: str | None, q: str | None = None, tags: Sequence[str] = ()) -> list[dict[str, Any]]:
@@ -389,7 +461,13 @@ class LocalEngine:
                     names[aid] = aid
             return names[aid]
 
-        return EngineStats(queue_len=s.queue_len, running=s.running,
+        ret = self.lm._retriever
+        kv = self.lm.kv_cache.stats()
+        return EngineStats(retrieval_hits=ret.hits if ret is not None else 0,
+                           retrieval_misses=ret.misses if ret is not None else 0,
+                           kv_lookups=int(kv["lookups"]), kv_hits=int(kv["hits"]),
+                           kv_passage_hits=int(kv["passage_hits"]), kv_tokens_reused=int(kv["tokens_reused"]),
+                           queue_len=s.queue_len, running=s.running,
                            running_adapters=sorted({name_of(a) for a in s.running_adapters}),
                            waiting_adapters=sorted({name_of(a) for a in s.waiting_adapters}),
                            max_lora=int(m["capacity"]), adapters_loaded=int(m["loaded"]),
@@ -448,8 +526,19 @@ class FakeEngine:
     uses: dict[str, int] = field(default_factory=dict)
     started: bool = False
     audit_rows: list[dict[str, Any]] = field(default_factory=list)  # what Library.audit would store
+    # document collections: name -> {"owner", "public", "tags", "chunks": [(key, text)]}
+    collections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    retrieval_hits: int = 0
+    retrieval_misses: int = 0
+    _retrieved: set[tuple[Any, ...]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        self.collections.setdefault("facts", {"owner": None, "public": False, "tags": ["law"], "chunks": [
+            ("tort", "A tort is a civil wrong that causes a claimant to suffer loss or harm."),
+            ("contract", "A contract is an agreement between parties that the law will enforce."),
+            ("rose", "The rose is a woody flowering plant of the genus Rosa.")]})
+        self.collections.setdefault("alice-notes", {"owner": "alice", "public": False, "tags": ["private"],
+                                                    "chunks": [("secret", "Alice's private note about torts.")]})
         for i, (name, desc) in enumerate([("law", "contracts and torts law"), ("botany", "plants and flowers"),
                                           ("code", "c programming functions")]):
             self.adapters.setdefault(name, {"id": f"id{i}", "name": name, "description": desc,
@@ -470,7 +559,8 @@ class FakeEngine:
     def stats(self) -> EngineStats:
         from loramix.serve.metrics import EngineStats
 
-        return EngineStats(max_lora=8, adapters_loaded=len(self.uses), slot_hits=sum(self.uses.values()))
+        return EngineStats(max_lora=8, adapters_loaded=len(self.uses), slot_hits=sum(self.uses.values()),
+                           retrieval_hits=self.retrieval_hits, retrieval_misses=self.retrieval_misses)
 
     def start(self) -> None:
         self.started = True
@@ -540,6 +630,56 @@ class FakeEngine:
             raise ConfigError("text is empty; expected some text to score")
         h = int(hashlib.sha256((text + repr(resolved.mixture)).encode()).hexdigest()[:6], 16)
         return {"loss": 3.0 + h / 2**24, "tokens": len(text), "adapters": resolved.adapters}
+
+    def _readable(self, tenant: str | None) -> dict[str, dict[str, Any]]:
+        from loramix.store.tenancy import visible_to
+
+        return {n: c for n, c in self.collections.items() if visible_to(c["owner"], bool(c["public"]), tenant)}
+
+    def augment(self, resolved: Resolved, docs: DocsRequest, tenant: str | None,
+                messages: list[dict[str, Any]] | None = None, prompt: str | None = None) -> Augmented:
+        """Word-overlap retrieval over the in-memory collections; passages prepended like LocalEngine does."""
+        from loramix.errors import CollectionNotFound, DocumentError
+
+        query = last_user_text(messages) if messages is not None else (prompt or "")
+        if not query.strip():
+            raise ConfigError("nothing to retrieve passages for: the last user message (or prompt) is empty")
+        readable = self._readable(tenant)
+        tags = {t for aid, _ in resolved.mixture for a in self.adapters.values() if a["id"] == aid for t in a["domain_tags"]}
+        names: list[str] = []
+        for spec in docs.collections:
+            if spec.startswith("tag:"):
+                picked = [n for n, c in readable.items() if spec[4:] in c["tags"]]
+                if not picked:
+                    raise DocumentError(f"no collection carries the tag {spec[4:]!r}")
+            elif spec == "auto":
+                picked = [n for n, c in readable.items() if tags & set(c["tags"])]
+            elif spec in readable:
+                picked = [spec]
+            else:
+                raise CollectionNotFound(f"no document collection named {spec!r}; collections: {', '.join(sorted(readable))}")
+            names += [n for n in picked if n not in names]
+        key = (query, tuple(sorted(names)), docs.passages)
+        self.retrieval_hits += key in self._retrieved
+        self.retrieval_misses += key not in self._retrieved
+        self._retrieved.add(key)
+        words = set(query.lower().split())
+        scored = sorted(((len(words & set(text.lower().split())), n, f"{n}-{i}", k, text)
+                         for n in names for i, (k, text) in enumerate(self.collections[n]["chunks"])),
+                        key=lambda x: (-x[0], x[2]))[: docs.passages]
+        block = "".join(f"[{i}] {t}\n" for i, (*_, t) in enumerate(scored, 1))
+        if messages is not None:
+            last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+            if last is None:
+                raise ConfigError("passages go into the last user message, and this chat has none; expected a "
+                                  "message with role 'user'")
+            msgs = [dict(m) for m in messages]
+            msgs[last]["content"] = block + "\n" + _text_of(msgs[last].get("content")) if block else msgs[last]["content"]
+            ids = self.chat_ids(msgs)
+        else:
+            ids = self.text_ids((block + "\n" if block else "") + query)
+        return Augmented(ids, [], [{"collection": n, "id": cid, "key": k, "score": float(sc)}
+                                   for sc, n, cid, k, _ in scored])
 
     def chat_ids(self, messages: list[dict[str, str]]) -> list[int]:
         text = "".join(f"<{m.get('role', 'user')}>{_text_of(m.get('content'))}\n" for m in messages) + "<assistant>"

@@ -3,8 +3,8 @@
 Routes under ``/v1`` answer in OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``; the
 LoRAX routes (``/``, ``/generate``, ``/generate_stream``, ``/info``, ``/health``) in LoRAX's
 ``{"error": "...", "error_type": "validation|generation|overloaded|incomplete_generation"}``.
-Status codes: 400 bad input (422 on LoRAX routes, as LoRAX does), 401/403 auth, 404 unknown model or
-adapter, 408 request timeout, 409 name taken, 413 body too large, 429 overloaded (retry makes sense),
+Status codes: 400 bad input (422 on LoRAX routes, as LoRAX does), 401/403 auth, 404 unknown model,
+adapter or document collection (another tenant's private collection reads the same), 408 request timeout, 409 name taken, 413 body too large, 429 overloaded (retry makes sense),
 424 a generation failed (LoRAX), 500 anything unexpected.
 """
 
@@ -23,7 +23,9 @@ from loramix.errors import (
     AccessDenied,
     AdapterExists,
     AdapterNotFound,
+    CollectionNotFound,
     ConfigError,
+    DocumentError,
     InvalidAdapter,
     LoramixError,
     MergeError,
@@ -68,6 +70,8 @@ def status_of(exc: BaseException) -> tuple[int, str | None]:
         return 403, "forbidden"
     if isinstance(exc, AdapterNotFound):
         return 404, "model_not_found"
+    if isinstance(exc, CollectionNotFound):
+        return 404, "collection_not_found"
     if isinstance(exc, AdapterExists):
         return 409, "adapter_exists"
     if isinstance(exc, Overloaded):
@@ -76,7 +80,7 @@ def status_of(exc: BaseException) -> tuple[int, str | None]:
         return 408, "timeout"
     if isinstance(exc, GenerationFailed):
         return 500, "generation_failed"
-    if isinstance(exc, InvalidAdapter | ConfigError | MergeError | RoutingError | MixError):
+    if isinstance(exc, InvalidAdapter | ConfigError | MergeError | RoutingError | MixError | DocumentError):
         return 400, None
     if isinstance(exc, LoramixError):
         return 500, None

@@ -4,6 +4,10 @@ lorax-client sends every parameter, null where unset: nulls are accepted and unk
 ``adapter_id`` is an adapter name, ``auto`` (route the inputs) or empty for the base model.
 ``merged_adapters`` with ``linear`` runs as an exact per-row output mixture (sum of w_i * B_i A_i x);
 ``ties``, ``dare_linear`` and ``dare_ties`` are merged once with loramix's merge and cached by recipe.
+loramix's own options ride in ``parameters.loramix`` (LoRAX ignores unknown parameters; lorax-client cannot
+send them, raw HTTP can): ``{k, strategy, tags, temperature}`` route ``adapter_id: "auto"``, and
+``{docs: [...], passages: N}`` puts passages retrieved for ``inputs`` before it; the response then carries
+``loramix: {adapters, routed, route_ms, passages}`` (in the last event of a stream).
 """
 
 from __future__ import annotations
@@ -20,9 +24,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from loramix import __version__
 from loramix.serve.common import (
     Generation,
+    LoramixOptions,
     Principal,
+    augment,
     engine_of,
     get_principal,
+    route_cfg,
     run_in_threadpool,
     sampling,
     settings_of,
@@ -71,6 +78,7 @@ class Parameters(BaseModel):
     watermark: bool | None = None
     return_k_alternatives: int | None = None
     response_format: dict[str, Any] | None = None
+    loramix: LoramixOptions | None = None
 
 
 class GenerateRequest(BaseModel):
@@ -122,12 +130,16 @@ async def _prepare(request: Request, body: GenerateRequest, who: Principal) -> t
                              1.0 if m.density is None else m.density, m.majority_sign_method or "total")
         resolved = await run_in_threadpool(engine.resolve_merged, recipe, who.tenant)
     else:
-        route = engine.default_route() if (p.adapter_id or "").strip() == "auto" else None
+        route = route_cfg(engine.default_route(), p.loramix) if (p.adapter_id or "").strip() == "auto" else None
         resolved = await run_in_threadpool(engine.resolve, p.adapter_id, who.tenant, body.inputs, route)
-    ids = await run_in_threadpool(engine.text_ids, body.inputs)
-    if p.truncate is not None:
-        ids = ids[-p.truncate:]
-    gen = Generation(engine, settings, ids, resolved, params, who.tenant)
+    try:
+        aug = await augment(engine, resolved, p.loramix, who.tenant, prompt=body.inputs)
+    except ApiError as e:
+        raise ApiError(422, e.message, e.param) from None
+    ids, bounds = aug if aug is not None else (await run_in_threadpool(engine.text_ids, body.inputs), [])
+    if p.truncate is not None and len(ids) > p.truncate:
+        ids, bounds = ids[-p.truncate:], []  # cut from the left: the passage offsets no longer hold
+    gen = Generation(engine, settings, ids, resolved, params, who.tenant, bounds)
     gen.check()
     return gen, seed
 
@@ -136,10 +148,13 @@ def _token(ev: TokenEvent) -> dict[str, Any]:
     return {"id": ev.id, "text": ev.text, "logprob": ev.logprob, "special": ev.special, "skipped": False}
 
 
-def _response(body: GenerateRequest, toks: list[TokenEvent], fin: FinishEvent, seed: int | None) -> dict[str, Any]:
+def _response(body: GenerateRequest, toks: list[TokenEvent], fin: FinishEvent, seed: int | None,
+              resolved: Resolved) -> dict[str, Any]:
     p = body.parameters or Parameters()
     text = (body.inputs if p.return_full_text else "") + fin.text
     out: dict[str, Any] = {"generated_text": text}
+    if resolved.passages is not None:
+        out["loramix"] = resolved.to_dict()
     if p.details is not False:  # lorax-client asks for details by default
         out["details"] = {"finish_reason": _FINISH.get(fin.reason, "length"), "prompt_tokens": fin.prompt_tokens,
                           "generated_tokens": fin.generated_tokens, "seed": seed, "prefill": [],
@@ -150,7 +165,7 @@ def _response(body: GenerateRequest, toks: list[TokenEvent], fin: FinishEvent, s
 async def _generate(request: Request, body: GenerateRequest, who: Principal) -> tuple[dict[str, Any], Resolved]:
     gen, seed = await _prepare(request, body, who)
     toks, fin = await gen.run(request)
-    return _response(body, toks, fin, seed), gen.resolved
+    return _response(body, toks, fin, seed, gen.resolved), gen.resolved
 
 
 async def _stream(request: Request, body: GenerateRequest, who: Principal) -> StreamingResponse:
@@ -175,7 +190,10 @@ async def _stream(request: Request, body: GenerateRequest, who: Principal) -> St
                     details = {"finish_reason": _FINISH.get(ev.reason, "length"), "prompt_tokens": ev.prompt_tokens,
                                "generated_tokens": ev.generated_tokens, "seed": seed}
                     text = (body.inputs if p.return_full_text else "") + ev.text
-                    yield line({"token": _token(pending), "generated_text": text, "details": details})
+                    last = {"token": _token(pending), "generated_text": text, "details": details}
+                    if gen.resolved.passages is not None:
+                        last["loramix"] = gen.resolved.to_dict()
+                    yield line(last)
                     break
                 if pending is not None:
                     yield line({"token": _token(pending), "generated_text": None, "details": None})

@@ -8,7 +8,9 @@ Two kinds:
 - Read at scrape time from the engine (:class:`EngineCollector`, no polling thread): queue length,
   running batch size, adapters loaded/pinned/slots, slot hits/misses/evictions, adapter load seconds,
   scheduler steps, and ``loramix_lora_requests_info`` with the running and waiting adapter names and
-  ``max_lora`` as labels, shaped like vLLM's ``vllm:lora_requests_info`` (value: the scrape time).
+  ``max_lora`` as labels, shaped like vLLM's ``vllm:lora_requests_info`` (value: the scrape time); the
+  retrieval cache and the passage KV prefix cache (``loramix.docs`` requests): hits, misses/lookups,
+  reused tokens, and hit ratios since start.
 
 ``GET /metrics`` is the Prometheus text format; it names every running adapter, so with API keys it
 needs an admin key (Prometheus sends one with ``authorization: {credentials: KEY}``).
@@ -57,6 +59,12 @@ class EngineStats:
     max_batch: int = 0  # the scheduler's row limit
     last_batch_size: int = 0  # rows in the last decode step
     decode_batch_sizes: dict[int, int] = field(default_factory=dict)  # decode steps per batch size
+    retrieval_hits: int = 0  # loramix.docs retrievals answered from the retrieval cache
+    retrieval_misses: int = 0
+    kv_lookups: int = 0  # prompts with passages looked up in the passage KV prefix cache
+    kv_hits: int = 0  # ... that reused a cached prefix (the template head at least)
+    kv_passage_hits: int = 0  # ... that reused at least one cached passage
+    kv_tokens_reused: int = 0  # prompt tokens not prefilled thanks to the cache
 
 
 def outcome_of(status: int) -> str:
@@ -184,6 +192,26 @@ class EngineCollector(Collector):
             ("loramix_scheduler_steps", "Scheduler steps (batched forward passes).", s.steps)]
         for name, doc, total in counters:
             yield CounterMetricFamily(name, doc, value=total)
+        docs: list[tuple[str, str, float]] = [
+            ("loramix_retrieval_cache_hits", "Passage retrievals answered from the retrieval cache.", s.retrieval_hits),
+            ("loramix_retrieval_cache_misses", "Passage retrievals that searched the collections.", s.retrieval_misses),
+            ("loramix_kv_prefix_cache_lookups", "Prompts with passages looked up in the KV prefix cache.", s.kv_lookups),
+            ("loramix_kv_prefix_cache_hits", "Prompts that reused a cached prefix (template head or passages).",
+             s.kv_hits),
+            ("loramix_kv_prefix_cache_passage_hits", "Prompts that reused at least one cached passage.",
+             s.kv_passage_hits),
+            ("loramix_kv_prefix_cache_tokens_reused", "Prompt tokens taken from the KV prefix cache.",
+             s.kv_tokens_reused)]
+        for name, doc, total in docs:
+            yield CounterMetricFamily(name, doc, value=total)
+        for name, doc, num, den in (
+                ("loramix_retrieval_cache_hit_ratio", "Retrieval cache hits / lookups since start (0 before any).",
+                 s.retrieval_hits, s.retrieval_hits + s.retrieval_misses),
+                ("loramix_kv_prefix_cache_hit_ratio", "KV prefix cache hits / lookups since start (0 before any).",
+                 s.kv_hits, s.kv_lookups),
+                ("loramix_kv_prefix_cache_passage_hit_ratio", "KV prefix cache passage hits / lookups since start.",
+                 s.kv_passage_hits, s.kv_lookups)):
+            yield GaugeMetricFamily(name, doc, value=num / den if den else 0.0)
         yield GaugeMetricFamily("loramix_max_batch", "Rows the scheduler decodes together at most.", value=s.max_batch)
         yield GaugeMetricFamily("loramix_last_batch_size", "Rows in the last decode step.", value=s.last_batch_size)
         yield _batch_histogram(s.decode_batch_sizes, s.max_batch)

@@ -2,8 +2,9 @@
 
 ``model`` picks the adapters: an adapter name, ``auto`` (route the last user message), a mixture
 ``name:0.7,other:0.3``, or the base model's id / empty for none. Routing options ride in the body under
-``loramix: {k, strategy, tags, temperature}``. Responses carry a ``loramix`` field and an
-``x-loramix-adapters`` header naming the adapters and weights used.
+``loramix: {k, strategy, tags, temperature}``; ``loramix: {docs: [...], passages: N}`` retrieves passages
+for the last user message (or the prompt) and puts them in the prompt. Responses carry a ``loramix``
+field (adapters, weights and, with docs, the passages used) and an ``x-loramix-adapters`` header.
 """
 
 from __future__ import annotations
@@ -18,33 +19,25 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from loramix.config import RouteConfig
 from loramix.serve.common import (
     Generation,
+    LoramixOptions,
     Principal,
+    augment,
     engine_of,
     get_principal,
+    route_cfg,
     run_in_threadpool,
     sampling,
     settings_of,
 )
-from loramix.serve.engine import Engine, Resolved, last_user_text
+from loramix.serve.engine import Resolved, last_user_text
 from loramix.serve.errors import ApiError, error_body, status_of
 from loramix.serve.scheduler import FinishEvent
 
 __all__ = ["router"]
 
 router = APIRouter(tags=["openai"])
-
-
-class LoramixOptions(BaseModel):
-    """Routing options for ``model: "auto"`` (the client's ``extra_body={"loramix": {...}}``)."""
-
-    model_config = ConfigDict(extra="ignore")
-    k: Annotated[int, Field(ge=1, le=64)] | None = None
-    strategy: str | None = None
-    tags: list[str] | None = None
-    temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
 
 
 class StreamOptions(BaseModel):
@@ -92,14 +85,6 @@ def _finish(reason: str) -> str:
     return "length" if reason == "length" else "stop"
 
 
-def _route_cfg(engine: Engine, opts: LoramixOptions | None) -> RouteConfig:
-    d = engine.default_route()
-    if opts is None:
-        return d
-    return RouteConfig(k=opts.k or d.k, strategy=opts.strategy or d.strategy, tags=list(opts.tags or []),
-                       temperature=opts.temperature or d.temperature)
-
-
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -126,11 +111,16 @@ async def _prepare(request: Request, body: _Sampling, who: Principal, *, message
                       top_k=body.top_k, seed=body.seed, stop=body.stop, ignore_eos=bool(body.ignore_eos),
                       max_tokens_param=max_tokens_param)
     query = last_user_text(messages) if messages is not None else prompt
-    route = _route_cfg(engine, body.loramix) if (body.model or "").strip() == "auto" else None
+    route = route_cfg(engine.default_route(), body.loramix) if (body.model or "").strip() == "auto" else None
     resolved: Resolved = await run_in_threadpool(engine.resolve, body.model, who.tenant, query, route)
-    ids = await run_in_threadpool(engine.chat_ids, messages) if messages is not None else \
-        await run_in_threadpool(engine.text_ids, prompt or "")
-    gen = Generation(engine, settings, ids, resolved, params, who.tenant)
+    aug = await augment(engine, resolved, body.loramix, who.tenant, messages=messages, prompt=prompt)
+    if aug is not None:
+        ids, bounds = aug
+    else:
+        ids = await run_in_threadpool(engine.chat_ids, messages) if messages is not None else \
+            await run_in_threadpool(engine.text_ids, prompt or "")
+        bounds = []
+    gen = Generation(engine, settings, ids, resolved, params, who.tenant, bounds)
     gen.check()
     return gen
 

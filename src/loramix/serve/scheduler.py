@@ -8,7 +8,10 @@ One background thread owns the model. Each turn of its loop (one "step", under t
    a request whose adapters do not fit yet waits (later requests may pass it, at most
    ``max_bypass`` times) instead of failing;
 3. the admitted prompts are prefilled together (left-padded), each samples its first token, and their
-   KV cache is merged into the running batch's (both left-padded to a common length);
+   KV cache is merged into the running batch's (both left-padded to a common length); with a
+   ``prefix_cache``, a prompt that carries ``prefix_boundaries`` (retrieved passages, see
+   :mod:`loramix.documents.kvcache`) is prefilled alone instead, reusing the longest cached prefix
+   under its own mixture and storing its new passage prefixes;
 4. one decode step for every running row; rows that finish leave by index-select of the cache.
 
 The running batch keeps, per row: a 2-D attention mask over the cache columns (0 = padding), the
@@ -93,6 +96,7 @@ class GenRequest:
     prompt_ids: list[int]
     mixture: list[tuple[str, float]]  # (adapter id, weight); [] = base model
     params: SamplingParams = field(default_factory=SamplingParams)
+    prefix_boundaries: list[int] = field(default_factory=list)  # passage prefix offsets (KV prefix cache)
 
 
 @dataclass
@@ -217,8 +221,9 @@ class Scheduler:
     """Continuous batching over a :class:`~loramix.mix.MixedModel`; see the module docstring."""
 
     def __init__(self, mixer: MixedModel, cfg: SchedulerConfig | None = None, *, eos_ids: set[int] | None = None,
-                 lock: threading.RLock | None = None):
+                 lock: threading.RLock | None = None, prefix_cache: Any = None):
         self.mm = mixer
+        self.prefix_cache = prefix_cache  # a loramix.documents.PrefixKVCache, or None
         self.cfg = cfg or SchedulerConfig()
         self.tok = mixer.tokenizer
         self.model = mixer.model
@@ -299,7 +304,11 @@ class Scheduler:
         if len(ids) > self.mm.cfg.capacity:
             raise MixError(f"the mixture uses {len(ids)} adapters but the mixer has {self.mm.cfg.capacity} slots; "
                            "use fewer adapters or raise MixConfig.capacity")
-        req = GenRequest(prompt_ids=prompt, mixture=[(str(a), float(w)) for a, w in req.mixture], params=req.params)
+        bounds = [int(b) for b in req.prefix_boundaries]
+        if any(not 0 <= b <= len(prompt) for b in bounds):
+            raise ConfigError(f"prefix_boundaries {bounds} must lie within the prompt's {len(prompt)} tokens")
+        req = GenRequest(prompt_ids=prompt, mixture=[(str(a), float(w)) for a, w in req.mixture], params=req.params,
+                         prefix_boundaries=bounds)
         seed = req.params.seed if req.params.seed is not None else secrets.randbits(63)
         with self._cond:
             if self._stopping:
@@ -480,6 +489,12 @@ class Scheduler:
         """Prefill ``new`` together, sample each row's first token and add the rows that go on to the batch.
         When the model call fails, each row is retried alone so that only the failing ones fail."""
         self._release_mix()  # the composition changes; frees the running rows' pins for the prepare below
+        if self.prefix_cache is not None and any(r.req.prefix_boundaries for r in new):
+            for r in [r for r in new if r.req.prefix_boundaries]:
+                self._prefill_cached(r, events)
+            new = [r for r in new if not r.req.prefix_boundaries]
+            if not new:
+                return
         try:
             done = self._prefill_forward(new, events)
         except Exception as e:
@@ -493,6 +508,33 @@ class Scheduler:
             return
         if done is not None:
             self._join(*done, events)
+
+    def _prefill_cached(self, r: _Req, events: list[tuple[_Req, Event]]) -> None:
+        """Prefill one row through the prefix cache (scope: its mixture), sample its first token, join."""
+        try:
+            mix = self._prepare([r])
+        except Exception as e:
+            self._finish(r, "error", events, error=e.failed[0][1] if isinstance(e, _RowsFailed) else _err(e))
+            return
+
+        def forward(x: torch.Tensor, past: Any) -> Any:  # x (1, t) after the `start` cached tokens
+            start = 0 if past is None else int(past.get_seq_length())
+            pos = torch.arange(start, start + x.shape[1], device=self.device).unsqueeze(0)  # (1, t)
+            return self.mm.forward(mix, input_ids=x.to(self.device), position_ids=pos, use_cache=True, logits_to_keep=1,
+                                   past_key_values=past if past is not None else DynamicCache(config=self.model.config))
+
+        try:
+            scope = ("scheduler", tuple((a, round(float(w), 6)) for a, w in r.req.mixture))
+            pre = self.prefix_cache.prefill(forward, r.req.prompt_ids, r.req.prefix_boundaries, scope)
+        except Exception as e:
+            log.warning("prefill failed: %s", _err(e))
+            self._finish(r, "error", events, error=_err(e))
+            return
+        finally:
+            self.mm.release(mix)
+        mask = torch.ones(1, len(r.req.prompt_ids), dtype=torch.long, device=self.device)  # (1, L)
+        self._count("prefix_cache_tokens_reused", pre.reused)
+        self._join([r], pre.past, mask, pre.logits[:, -1].float(), events)
 
     def _prefill_forward(self, new: list[_Req], events: list[tuple[_Req, Event]]
                          ) -> tuple[list[_Req], DynamicCache, torch.Tensor, torch.Tensor] | None:

@@ -25,6 +25,7 @@ class ServeSettings:
     max_upload_bytes: int = 256 << 20  # multipart adapter uploads (413 above)
     request_timeout_s: float = 300.0  # a generation running longer is cancelled (408, or an error event in a stream)
     max_concurrent_per_key: int = 16  # requests in flight per API key; more get 429 (needs --api-keys)
+    stats_every_s: float = 5.0  # the engine's stats snapshot for `loramix stats` is written at most this often
     allow_lora_dirs: list[Path] = field(default_factory=list)  # /v1/load_lora_adapter reads only under these
     served_model_name: str | None = None  # the base model's id in /v1/models (default: the base folder's name)
 

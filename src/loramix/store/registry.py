@@ -47,6 +47,7 @@ from loramix.store.records import (
     dump_json,
     stack_keys,
 )
+from loramix.store.sqlite import open_db, schema_version
 from loramix.store.tenancy import VISIBLE, check_public, check_tenant, migrate, read_audit, write_audit
 
 SCHEMA_VERSION = 2  # 2: adapters.owner / adapters.public and the audit table (store/tenancy.py)
@@ -96,25 +97,12 @@ class Library(ScaleMixin):
         self.base_shapes = {k: (int(v[0]), int(v[1])) for k, v in base_shapes.items()} if base_shapes else None
         self.max_bytes = int(max_bytes)
         self._lock = threading.RLock()
-        try:
-            self._conn = sqlite3.connect(self.db_path, timeout=busy_timeout, isolation_level=None,
-                                         check_same_thread=False)
-        except sqlite3.Error as e:
-            raise LibraryError(f"cannot open the registry {self.db_path}: {e}") from e
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout * 1000)}")
-        self._conn.execute("PRAGMA journal_mode = WAL")
-        self._conn.execute("PRAGMA synchronous = NORMAL")
-        self._conn.execute("PRAGMA foreign_keys = ON")
+        self._conn = open_db(self.db_path, busy_timeout, LibraryError, "registry")
         self._init_schema()
         self._init_scale()  # adapters.kind, pack entries, generation counter (store/bulk.py)
 
     def _init_schema(self) -> None:
-        version = self._conn.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise LibraryError(f"{self.db_path} has schema version {version}; this loramix reads up to "
-                               f"{SCHEMA_VERSION}: upgrade loramix")
-        if version < SCHEMA_VERSION:
+        if schema_version(self._conn, self.db_path, SCHEMA_VERSION, LibraryError) < SCHEMA_VERSION:
             with self._write() as c:
                 for stmt in SCHEMA:
                     c.execute(stmt)

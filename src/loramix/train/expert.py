@@ -185,6 +185,12 @@ def train_expert(base_path: str | None, texts: Sequence[str], cfg: TrainConfig |
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                 stop = "time"
                 break
+    if cfg.eval_every and losses and curve[-1][0] != len(losses):  # stopped between evaluations (time):
+        ev = _eval_loss(pm, eval_rows, cfg.batch_size)  # the last weights compete too, or a time cap hit before
+        curve.append((len(losses), ev))  # the first evaluation would hand back the untrained adapter
+        if ev < best_loss - cfg.min_delta:
+            best_loss, best_step = ev, len(losses)
+            best_state = {n: p.detach().clone() for n, p in pm.named_parameters() if p.requires_grad}
     if cfg.eval_every:  # keep the best evaluated weights
         with torch.no_grad():
             for n, p in pm.named_parameters():
