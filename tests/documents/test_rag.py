@@ -15,6 +15,10 @@ from loramix.documents import Passage, PrefixKVCache, Retriever, lm_rerank, pass
 from loramix.testing import HashEncoder, random_lora
 from loramix.train.expert import _pair_rows
 
+# The tests embed with HashEncoder (random vectors): retrieval that must find the right passage fuses
+# in BM25 (the product default, fusion="dense", is for a real encoder).
+HASH_FUSION = "rrf"
+
 DOCS = [
     "botany is the study of plants and the oak is a tree.",
     "zoology is the study of animals; the fox jumps over the dog.",
@@ -90,7 +94,7 @@ def test_kv_prefix_cache_gives_the_uncached_logits(engine: Loramix) -> None:
 
 
 def test_ask_with_docs_lists_passages_and_cached_answer_is_identical(engine: Loramix) -> None:
-    docs = DocsConfig(collections=["tiny"], passages=2)
+    docs = DocsConfig(fusion=HASH_FUSION, collections=["tiny"], passages=2)
     gen = GenerateConfig(max_new_tokens=6)
     route = RouteConfig(k=1, temperature=1.0)
     first = engine.ask("what is botany the study of", route=route, gen=gen, docs=docs)
@@ -111,12 +115,12 @@ def test_ask_with_docs_lists_passages_and_cached_answer_is_identical(engine: Lor
 
 
 def test_score_with_docs_and_batch_rows(engine: Loramix) -> None:
-    docs = DocsConfig(collections=["tiny"], passages=2)
+    docs = DocsConfig(fusion=HASH_FUSION, collections=["tiny"], passages=2)
     text = " the oak is a tree of the plants."
     plain = engine.score(text)
     withp = engine.score(text, docs=docs, prompt="botany is the study of")
     assert withp["passages"] and withp["tokens"] > 0 and withp["loss"] != plain["loss"]
-    none = engine.score(text, docs=DocsConfig(collections=["tiny"], passages=0), prompt="botany")
+    none = engine.score(text, docs=DocsConfig(fusion=HASH_FUSION, collections=["tiny"], passages=0), prompt="botany")
     assert none["passages"] == []
     route = RouteConfig(k=1, temperature=1.0)
     prompts = ["what is botany the study of", "what does an acid form with a base"]
@@ -142,7 +146,7 @@ def test_lm_rerank_orders_by_query_loss(engine: Loramix) -> None:
     assert [p.id for p in out[:4]] == [ps[i].id for i in sorted(range(4), key=lambda i: losses[i])]
     assert [p.id for p in out[4:]] == ["id4", "id5"]  # beyond top: fused order kept
     assert out[0].score == pytest.approx(-min(losses), abs=1e-5) and out[0].ranks["fused"] >= 1
-    cfg = DocsConfig(collections=["tiny"], passages=3, rerank=True, rerank_top=6)
+    cfg = DocsConfig(fusion=HASH_FUSION, collections=["tiny"], passages=3, rerank=True, rerank_top=6)
     got = engine.retrieve(query, cfg)
     assert len(got) == 3 and got[0].score >= got[1].score >= got[2].score and "fused" in got[0].ranks
 
@@ -157,7 +161,7 @@ def test_pair_rows_put_the_loss_on_the_text_only() -> None:
 def test_train_retrieval_aware_adapter(engine: Loramix) -> None:
     from loramix.rag import aware_pairs, is_own
 
-    docs = DocsConfig(collections=["tiny"], passages=2)
+    docs = DocsConfig(fusion=HASH_FUSION, collections=["tiny"], passages=2)
     pairs = aware_pairs(engine, DOCS, docs)
     tok = engine.base.tokenizer
     for (prompt, target), text in zip(pairs, DOCS, strict=True):

@@ -14,6 +14,10 @@ from loramix.documents import DocStore, Retriever, chunk_text, mix_scores, read_
 from loramix.errors import CollectionNotFound, ConfigError, DocumentError
 from loramix.testing import HashEncoder
 
+# The tests embed with HashEncoder (random vectors): retrieval that must find the right passage fuses
+# in BM25 (the product default, fusion="dense", is for a real encoder).
+HASH_FUSION = "rrf"
+
 TEXTS = [
     "The zebra is an African equine with black and white stripes.",
     "An acid reacts with a base to form a salt and water.",
@@ -134,12 +138,12 @@ def test_rrf_and_fused_retrieval(tmp_path: Path) -> None:
     enc = HashEncoder()
     s.add("facts", TEXTS, enc, keys=["zebra", "acid", "oak", "compiler"], chunk_words=200)
     r = Retriever(s, enc)
-    cfg = DocsConfig(collections=["facts"], passages=2)
+    cfg = DocsConfig(fusion=HASH_FUSION, collections=["facts"], passages=2)
     got = r.retrieve("what does an acid form with a base", cfg)
     assert got[0].key == "acid" and got[0].ranks["bm25"] == 1 and "dense" in got[0].ranks
     exact = r.retrieve(TEXTS[3], DocsConfig(collections=["facts"], passages=1, fusion="dense"))
     assert exact[0].key == "compiler" and exact[0].ranks == {"dense": 1}  # HashEncoder: same text, same vector
-    assert r.retrieve("acid", DocsConfig(collections=["facts"], passages=0)) == []
+    assert r.retrieve("acid", DocsConfig(fusion=HASH_FUSION, collections=["facts"], passages=0)) == []
 
 
 def test_mix_fusion_weights_and_ends(tmp_path: Path) -> None:
@@ -165,18 +169,18 @@ def test_retrieval_cache_hits_and_invalidation(tmp_path: Path) -> None:
     enc = HashEncoder()
     s.add("facts", TEXTS, enc, tags=["sci"])
     r = Retriever(s, enc)
-    cfg = DocsConfig(collections=["facts"], passages=2)
+    cfg = DocsConfig(fusion=HASH_FUSION, collections=["facts"], passages=2)
     first = r.retrieve("acid base salt", cfg)
-    assert r.retrieve("acid base salt", cfg) == first and r.retrieve("acid base salt", DocsConfig(collections=["tag:sci"], passages=2)) == first
+    assert r.retrieve("acid base salt", cfg) == first and r.retrieve("acid base salt", DocsConfig(fusion=HASH_FUSION, collections=["tag:sci"], passages=2)) == first
     assert (r.hits, r.misses) == (2, 1) and r.stats()["retrieval_cache"]["hit_rate"] == pytest.approx(2 / 3, abs=1e-3)
-    assert r.retrieve("acid base salt", DocsConfig(collections=["facts"], passages=1)) == first[:1]  # other options: a miss
+    assert r.retrieve("acid base salt", DocsConfig(fusion=HASH_FUSION, collections=["facts"], passages=1)) == first[:1]  # other options: a miss
     assert r.misses == 2
     DocStore(tmp_path).add("more", ["Salt is sodium chloride; an acid and a base give a salt."], enc)  # another process
-    got = r.retrieve("acid base salt", DocsConfig(collections=["facts", "more"], passages=2))
+    got = r.retrieve("acid base salt", DocsConfig(fusion=HASH_FUSION, collections=["facts", "more"], passages=2))
     assert r.misses == 3 and got[0].collection == "more"
     DocStore(tmp_path).remove("more")
     with pytest.raises(CollectionNotFound):
-        r.retrieve("acid base salt", DocsConfig(collections=["facts", "more"], passages=2))
+        r.retrieve("acid base salt", DocsConfig(fusion=HASH_FUSION, collections=["facts", "more"], passages=2))
     assert r.retrieve("acid base salt", cfg) == first and r.misses == 4  # the cache was dropped by the change
 
 
