@@ -52,7 +52,16 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quality_eval import RouterRun, Scorer, arrow_diagnostics, macro, query_target, split_val_test, top1_mix
+from quality_eval import (
+    RouterRun,
+    Scorer,
+    arrow_diagnostics,
+    macro,
+    plot_arrow,
+    query_target,
+    split_val_test,
+    top1_mix,
+)
 from quality_lib import DESCRIPTIONS, NOTES, PRESETS, QUICK_DOMAINS, SETTING_NOTES  # bench/ is sys.path[0]
 
 ROUTE_CHUNK = 32
@@ -361,14 +370,32 @@ class Bench:
                         strategy="supervised", train={k: v for k, v in rep.to_dict().items() if k != "path"})
 
     def _pairs(self) -> tuple[list[str], list[str]]:
+        """Unlabelled (query, continuation) pairs from texts no expert trained on: the domains' other texts,
+        sharing neither a text nor a headword with any training, validation or test text."""
+        import random
+
+        from loramix.train.corpora import load_domain
+
         a = self.args
+        used = [doc for split in (self.train, self.val, self.test) for d in self.domains for doc in split[d]]
+        seen_keys = {doc.key.lower() for doc in used}
+        seen_texts = {" ".join(doc.text.lower().split()) for doc in used}
         qs, ts = [], []
-        for d in self.domains:  # domain-balanced; the labels are not passed on
-            for doc in self.train[d][: a.router_pairs_per_domain]:
+        self.pair_domains: list[str] = []  # kept for diagnostics only; never given to the router
+        for d in self.domains:  # domain-balanced sample of unseen texts; the labels are not passed on
+            pool = [doc for doc in load_domain(d) if doc.key.lower() not in seen_keys
+                    and " ".join(doc.text.lower().split()) not in seen_texts]
+            random.Random(f"pairs:{a.seed}:{d}").shuffle(pool)
+            n = 0
+            for doc in pool:
+                if n >= a.router_pairs_per_domain:
+                    break
                 qt = query_target(doc.text, a.query_chars, a.target_words)
-                if qt:
+                if qt and len(qt[1].split()) >= 4:
                     qs.append(qt[0])
                     ts.append(qt[1])
+                    self.pair_domains.append(d)
+                    n += 1
         return qs, ts
 
     def route_label_free(self) -> None:
@@ -597,6 +624,10 @@ class Bench:
                 self.report["confusion"] = {"router": best, "labels": self.domains, "matrix": mat.tolist()}
                 plot_confusion(mat, self.domains, self.out / "confusion.png", f"routing confusion: {best} (top-1)")
                 plots[f"Routing confusion ({best})"] = "confusion.png"
+            diag = self.report.get("arrow_diagnostics") or {}
+            if diag.get("pair_cos"):
+                plot_arrow(diag, self.out / "arrow_prototypes.png")
+                plots["Arrow prototypes: mean |cos| between experts"] = "arrow_prototypes.png"
             if any(self.loss[s].get("mean") is not None for s in self.loss):
                 plot_loss_bars(self.report["loss"], self.domains, self.out / "loss_bars.png")
                 plots["Loss per domain and setting"] = "loss_bars.png"
