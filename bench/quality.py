@@ -405,7 +405,7 @@ class Bench:
 
         queries, targets = self._pairs()
         cfg = RouterTrainConfig(k=max(2, min(self.args.router_k, len(self.domains))), seed=self.args.seed,
-                                max_len=192, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
+                                max_len=192, score_query=True, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
         self.report["default_router"] = "untrained"
         for cond, eng, name_of in (("a", self.engine, self.name_of), ("b", self.desc, self.desc_name_of)):
             with self.stage(f"route{'' if cond == 'a' else '_b'}:label_free", optional=True) as rec:

@@ -231,6 +231,9 @@ class RouterTrainConfig:
     # candidates in proportion to the target distribution), blended with the stored key: tried as well
     # as the plain start when True; picked on the held-out pairs
     centroid_init: bool = True
+    # score the query's own tokens as well as the target's (the loss of the whole text): more tokens of
+    # signal per pair at no extra cost (the query runs through the model anyway); off, only the target counts
+    score_query: bool = False
     min_gain: float = 0.0  # nats: the head beats the keys only if its val routed loss is lower by more
     verdict_z: float = 2.0  # ... and the paired per-pair gain is at least this many standard errors
     seed: int = 0

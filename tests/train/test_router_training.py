@@ -298,6 +298,16 @@ def test_losses_are_cached(engine: Loramix) -> None:
     assert rep.rows_scored == 0 and rep.rows_cached == 3 * len(queries)
 
 
+def test_score_query_scores_the_whole_text(engine: Loramix) -> None:
+    cands = [["code-helper", "kitchen"]] * 2
+    qs, ts = PLANT_HELD[:2], [PLANT_TARGET] * 2
+    whole = candidate_losses(engine, qs, ts, cands, score_query=True)  # (2, 2)
+    assert np.allclose(whole, candidate_losses(engine, ["", ""], [q + t for q, t in zip(qs, ts, strict=True)], cands))
+    cont = candidate_losses(engine, qs, ts, cands)
+    assert (np.abs(whole - cont) > 1e-3).all()  # the query's tokens count: another number
+    assert whole[:, 0].mean() > cont[:, 0].mean()  # code-helper learnt the continuation, not the questions
+
+
 def test_supervised_router_learns_labels(engine: Loramix) -> None:
     cooking = [*COOKING, "How do I knead bread dough?", "What temperature should I roast a chicken at?",
                "How much salt goes into pasta water?", "Can I freeze cooked rice?", "How do I make a custard?"]

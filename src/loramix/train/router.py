@@ -237,8 +237,10 @@ def _chunks(rows: list[int], mixtures: Sequence[Mixture], capacity: int) -> list
 
 
 def _grid(engine: Loramix, queries: Sequence[str], targets: Sequence[str], candidates: Sequence[Sequence[str]],
-          objective: str, max_len: int, cache: bool) -> tuple[np.ndarray, int]:
+          objective: str, max_len: int, cache: bool, score_query: bool = False) -> tuple[np.ndarray, int]:
     k = len(candidates[0]) if len(candidates) else 0
+    if score_query:  # the loss covers the query's own tokens too: the whole text, no prompt
+        queries, targets = [""] * len(queries), [q + t for q, t in zip(queries, targets, strict=True)]
     if any(len(c) != k for c in candidates):
         raise ValueError("every query needs the same number of candidates")
     qs, ts, mixes = [], [], []
@@ -256,9 +258,11 @@ def _grid(engine: Loramix, queries: Sequence[str], targets: Sequence[str], candi
 
 
 def candidate_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
-                     candidates: Sequence[Sequence[str]], max_len: int = 256, cache: bool = True) -> np.ndarray:
-    """``(N, K)`` loss of each target given its query with each candidate adapter alone (cached)."""
-    return _grid(engine, queries, targets, candidates, "kl", max_len, cache)[0]
+                     candidates: Sequence[Sequence[str]], max_len: int = 256, cache: bool = True,
+                     score_query: bool = False) -> np.ndarray:
+    """``(N, K)`` loss of each target given its query with each candidate adapter alone (cached); with
+    ``score_query`` the loss of the whole text ``query + target``."""
+    return _grid(engine, queries, targets, candidates, "kl", max_len, cache, score_query)[0]
 
 
 def loo_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
@@ -352,9 +356,10 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
     qenc = _QueryEncoder(engine, queries, cfg.finetune_encoder)
     k = min(cfg.k, router.index.ntotal)
     cands = [[a for a, _ in row] for row in router.dense_search(qenc.frozen.numpy(), k, None)]
-    losses, scored = _grid(engine, queries, targets, cands, cfg.objective, cfg.max_len, cache=True)  # (N, K)
+    losses, scored = _grid(engine, queries, targets, cands, cfg.objective, cfg.max_len, True, cfg.score_query)  # (N, K)
     # the candidate-alone loss drives the routed-loss check for both objectives
-    alone = losses if cfg.objective == "kl" else _grid(engine, queries, targets, cands, "kl", cfg.max_len, True)[0]
+    alone = losses if cfg.objective == "kl" else _grid(engine, queries, targets, cands, "kl", cfg.max_len, True,
+                                                       cfg.score_query)[0]
     loss_t = torch.from_numpy(alone)  # (N, K)
     table = sorted({a for row in cands for a in row})
     key_ids, key_mat = engine.library.keys(table)
