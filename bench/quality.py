@@ -68,6 +68,7 @@ ROUTE_CHUNK = 32
 QUESTIONS = Path(__file__).resolve().parent / "questions.jsonl"
 ENGINE_ROUTERS = {"untrained": "semantic", "label_free": "trained", "supervised": "supervised", "arrow": "arrow"}
 DESC_ROUTERS = ("untrained", "label_free")
+SKIPPABLE = ("clusters", "merged", "refine")
 console = Console(highlight=False)
 
 
@@ -103,8 +104,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--query-chars", type=int, default=200, help="routing queries: first N characters of a text")
     p.add_argument("--base", default=None, help="base model folder (default: loramix's default base)")
     p.add_argument("--stop-after", choices=["data", "experts"], help="stop after this stage (to warm the caches)")
+    p.add_argument("--skip", default="", help=f"comma-separated optional stages to leave out ({', '.join(SKIPPABLE)}); "
+                                              "they are reported as skipped")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    bad = sorted(set(filter(None, args.skip.split(","))) - set(SKIPPABLE))
+    if bad:
+        p.error(f"--skip: unknown stage(s) {', '.join(bad)}; expected some of {', '.join(SKIPPABLE)}")
     preset = PRESETS["quick" if args.quick else "full"]
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -668,8 +674,14 @@ class Bench:
             if self.args.stop_after == "experts":
                 return 0
             self.desc_library()
+            skip = set(filter(None, self.args.skip.split(",")))
             for step in (self.route_tfidf, self.route_untrained, self.route_supervised, self.route_label_free,
                          self.route_arrow, self.clusters, self.losses, self.merged, self.refine):
+                if step.__name__ in skip:
+                    self.timing[step.__name__] = {"status": "skipped: --skip", "wall_s": 0.0, "cpu_s": 0.0}
+                    if step.__name__ in ("clusters", "refine"):
+                        self.report[step.__name__] = {"skipped": "--skip"}
+                    continue
                 step()
         except (Exception, KeyboardInterrupt) as e:
             error = f"{type(e).__name__}: {e}"

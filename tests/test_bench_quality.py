@@ -102,3 +102,13 @@ def test_mix_throughput_runs_and_checks_logits_against_peft(tiny_base_dir: Path)
             "peft_mix3_cached_tok_s", "decode_base_tok_s", "decode_mix3_tok_s"}
     assert keys <= set(res) and all(res[k] > 0 for k in keys)
     assert res["logits_match"] is True and max(res["logits_max_abs_diff"].values()) < 1e-3
+
+
+def test_quality_skip_names_only_optional_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import quality
+
+    args = quality.parse_args(["--out", str(tmp_path), "--skip", "clusters,merged"])
+    assert set(args.skip.split(",")) <= set(quality.SKIPPABLE)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--out", str(tmp_path), "--skip", "experts"])
+    assert "unknown stage(s) experts" in capsys.readouterr().err
