@@ -52,13 +52,23 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from quality_eval import RouterRun, Scorer, arrow_diagnostics, macro, query_target, split_val_test, top1_mix
+from quality_eval import (
+    RouterRun,
+    Scorer,
+    arrow_diagnostics,
+    macro,
+    plot_arrow,
+    query_target,
+    split_val_test,
+    top1_mix,
+)
 from quality_lib import DESCRIPTIONS, NOTES, PRESETS, QUICK_DOMAINS, SETTING_NOTES  # bench/ is sys.path[0]
 
 ROUTE_CHUNK = 32
 QUESTIONS = Path(__file__).resolve().parent / "questions.jsonl"
 ENGINE_ROUTERS = {"untrained": "semantic", "label_free": "trained", "supervised": "supervised", "arrow": "arrow"}
 DESC_ROUTERS = ("untrained", "label_free")
+SKIPPABLE = ("clusters", "merged", "refine")
 console = Console(highlight=False)
 
 
@@ -94,8 +104,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--query-chars", type=int, default=200, help="routing queries: first N characters of a text")
     p.add_argument("--base", default=None, help="base model folder (default: loramix's default base)")
     p.add_argument("--stop-after", choices=["data", "experts"], help="stop after this stage (to warm the caches)")
+    p.add_argument("--skip", default="", help=f"comma-separated optional stages to leave out ({', '.join(SKIPPABLE)}); "
+                                              "they are reported as skipped")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    bad = sorted(set(filter(None, args.skip.split(","))) - set(SKIPPABLE))
+    if bad:
+        p.error(f"--skip: unknown stage(s) {', '.join(bad)}; expected some of {', '.join(SKIPPABLE)}")
     preset = PRESETS["quick" if args.quick else "full"]
     for k, v in preset.items():
         if getattr(args, k) is None:
@@ -361,14 +376,32 @@ class Bench:
                         strategy="supervised", train={k: v for k, v in rep.to_dict().items() if k != "path"})
 
     def _pairs(self) -> tuple[list[str], list[str]]:
+        """Unlabelled (query, continuation) pairs from texts no expert trained on: the domains' other texts,
+        sharing neither a text nor a headword with any training, validation or test text."""
+        import random
+
+        from loramix.train.corpora import load_domain
+
         a = self.args
+        used = [doc for split in (self.train, self.val, self.test) for d in self.domains for doc in split[d]]
+        seen_keys = {doc.key.lower() for doc in used}
+        seen_texts = {" ".join(doc.text.lower().split()) for doc in used}
         qs, ts = [], []
-        for d in self.domains:  # domain-balanced; the labels are not passed on
-            for doc in self.train[d][: a.router_pairs_per_domain]:
+        self.pair_domains: list[str] = []  # kept for diagnostics only; never given to the router
+        for d in self.domains:  # domain-balanced sample of unseen texts; the labels are not passed on
+            pool = [doc for doc in load_domain(d) if doc.key.lower() not in seen_keys
+                    and " ".join(doc.text.lower().split()) not in seen_texts]
+            random.Random(f"pairs:{a.seed}:{d}").shuffle(pool)
+            n = 0
+            for doc in pool:
+                if n >= a.router_pairs_per_domain:
+                    break
                 qt = query_target(doc.text, a.query_chars, a.target_words)
-                if qt:
+                if qt and len(qt[1].split()) >= 4:
                     qs.append(qt[0])
                     ts.append(qt[1])
+                    self.pair_domains.append(d)
+                    n += 1
         return qs, ts
 
     def route_label_free(self) -> None:
@@ -378,7 +411,7 @@ class Bench:
 
         queries, targets = self._pairs()
         cfg = RouterTrainConfig(k=max(2, min(self.args.router_k, len(self.domains))), seed=self.args.seed,
-                                max_len=192, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
+                                max_len=192, score_query=True, **({"steps": self.args.router_steps} if self.args.router_steps else {}))
         self.report["default_router"] = "untrained"
         for cond, eng, name_of in (("a", self.engine, self.name_of), ("b", self.desc, self.desc_name_of)):
             with self.stage(f"route{'' if cond == 'a' else '_b'}:label_free", optional=True) as rec:
@@ -597,6 +630,10 @@ class Bench:
                 self.report["confusion"] = {"router": best, "labels": self.domains, "matrix": mat.tolist()}
                 plot_confusion(mat, self.domains, self.out / "confusion.png", f"routing confusion: {best} (top-1)")
                 plots[f"Routing confusion ({best})"] = "confusion.png"
+            diag = self.report.get("arrow_diagnostics") or {}
+            if diag.get("pair_cos"):
+                plot_arrow(diag, self.out / "arrow_prototypes.png")
+                plots["Arrow prototypes: mean |cos| between experts"] = "arrow_prototypes.png"
             if any(self.loss[s].get("mean") is not None for s in self.loss):
                 plot_loss_bars(self.report["loss"], self.domains, self.out / "loss_bars.png")
                 plots["Loss per domain and setting"] = "loss_bars.png"
@@ -637,8 +674,14 @@ class Bench:
             if self.args.stop_after == "experts":
                 return 0
             self.desc_library()
+            skip = set(filter(None, self.args.skip.split(",")))
             for step in (self.route_tfidf, self.route_untrained, self.route_supervised, self.route_label_free,
                          self.route_arrow, self.clusters, self.losses, self.merged, self.refine):
+                if step.__name__ in skip:
+                    self.timing[step.__name__] = {"status": "skipped: --skip", "wall_s": 0.0, "cpu_s": 0.0}
+                    if step.__name__ in ("clusters", "refine"):
+                        self.report[step.__name__] = {"skipped": "--skip"}
+                    continue
                 step()
         except (Exception, KeyboardInterrupt) as e:
             error = f"{type(e).__name__}: {e}"

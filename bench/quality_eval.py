@@ -142,13 +142,42 @@ def arrow_diagnostics(weights: dict[str, Any]) -> dict[str, Any]:
             dim = int(v.numel())
     names = list(protos)
     cos: list[float] = []
+    pair = np.zeros((len(names), len(names)))  # mean |cos| of two experts' prototypes over shared layers
+    shared = 0
     for layer in protos[names[0]] if names else []:
-        vs = torch.stack([protos[n][layer] for n in names if layer in protos[n]])  # (E, n_in)
+        if not all(layer in protos[n] for n in names):
+            continue
+        vs = torch.stack([protos[n][layer] for n in names])  # (E, n_in)
         c = (vs @ vs.T).abs()  # (E, E)
         e = len(vs)
+        pair += c.double().numpy()
+        shared += 1
         if e > 1:
             cos.append(float((c.sum() - c.diagonal().sum()) / (e * (e - 1))))
     rank = next(iter(weights.values())).rank if weights else 0
     return {"top_share": float(np.mean(shares)) if shares else None, "flat_share": 1.0 / rank if rank else None,
             "cross_cos": float(np.mean(cos)) if cos else None,
-            "random_cos": float(np.sqrt(2.0 / (np.pi * dim))) if dim else None, "layers": len(cos)}
+            "random_cos": float(np.sqrt(2.0 / (np.pi * dim))) if dim else None, "layers": len(cos),
+            "names": names, "pair_cos": (pair / max(shared, 1)).round(4).tolist()}
+
+
+def plot_arrow(diag: dict[str, Any], path: Path) -> Path:
+    """Heat map of the mean |cos| between two experts' Arrow prototypes (what Arrow tells experts apart by)."""
+    from loramix.evaluate.report import _plt
+
+    plt = _plt()
+    m, names = np.asarray(diag["pair_cos"]), diag["names"]
+    size = 2.0 + 0.45 * max(len(names), 4)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(m, cmap="Reds", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=6, color="white" if m[i, j] > 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.04, label="mean |cos| of top singular directions over layers")
+    ax.set_title(f"Arrow prototypes (random vectors: {diag['random_cos']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -54,10 +54,14 @@ NOTES = [
     "loss of its top-3 mixture), the label-free head's tau / early stopping / interpolation, the supervised head's "
     "weight decay and step, and refine's thresholds are all chosen on validation (or on the router's own held-out "
     "pairs); every figure in the tables is on test. tfidf is a floor only (not an engine strategy).",
-    "label_free trains on (query, continuation) pairs cut from training texts (query like the benchmark's, or half "
-    "the words of a short text; 24-32 word continuation) with no labels; its default-router verdict needs a paired "
-    "gain over the keys of more than 2 standard errors on its held-out pairs. supervised is a linear head over "
-    "frozen MiniLM initialised at the keys, trained with cross-entropy on training texts cut like the queries.",
+    "label_free trains on unlabelled (query, continuation) pairs cut from texts no expert trained on (the "
+    "domains' other texts, sharing no text or headword with any training, validation or test text; query like the "
+    "benchmark's, or half the words of a short text; --target-words continuation), scored under every adapter "
+    "alone. It learns one key per adapter (start: the stored key or the loss-weighted centroid of the training "
+    "queries; an L2 pull toward the stored key) against the target softmax(-loss / tau); start, pull, tau, step and "
+    "the blend with the stored keys are picked by the routed loss on its held-out pairs, and its default-router "
+    "verdict needs a paired gain over the keys of more than 2 standard errors there. supervised is a linear head "
+    "over frozen MiniLM initialised at the keys, trained with cross-entropy on training texts cut like the queries.",
     "Condition b (routing_desc_only): the same adapter weights in a second library keyed by one line of "
     "description each (DESCRIPTIONS in bench/quality_lib.py).",
     "Cluster routing uses the segment-mean keys a cluster expert would get, without training cluster experts.",

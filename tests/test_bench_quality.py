@@ -21,7 +21,7 @@ from loramix.train.expert import train_expert
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
-from quality_eval import Scorer, arrow_diagnostics, query_target, split_val_test  # noqa: E402
+from quality_eval import Scorer, arrow_diagnostics, plot_arrow, query_target, split_val_test  # noqa: E402
 
 
 def test_split_val_test_keeps_a_key_on_one_side() -> None:
@@ -58,7 +58,7 @@ def test_scorer_caches_rows_and_keys_them_by_adapter_fingerprint(tmp_path: Path,
     assert retrained.scored == 1  # a new fingerprint is never served a stale loss
 
 
-def test_arrow_diagnostics_see_dominant_and_shared_directions() -> None:
+def test_arrow_diagnostics_see_dominant_and_shared_directions(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(0)
     a = torch.randn(4, 16, generator=g)
     b1 = torch.zeros(8, 4)
@@ -66,10 +66,16 @@ def test_arrow_diagnostics_see_dominant_and_shared_directions() -> None:
     same = {"x": LoraWeights(4, 8.0, {"l": (a, b1)}), "y": LoraWeights(4, 8.0, {"l": (a, 2 * b1)})}
     d = arrow_diagnostics(same)
     assert d["top_share"] == pytest.approx(1.0) and d["cross_cos"] == pytest.approx(1.0)  # same prototype
+    assert d["names"] == ["x", "y"] and np.allclose(d["pair_cos"], 1.0, atol=1e-4)
     rnd = {n: LoraWeights(4, 8.0, {"l": (torch.randn(4, 16, generator=g), torch.randn(8, 4, generator=g))})
            for n in "xyz"}
     d = arrow_diagnostics(rnd)
     assert 0.25 <= d["top_share"] < 1.0 and d["cross_cos"] < 0.9 and d["flat_share"] == 0.25
+    m = np.asarray(d["pair_cos"])  # (3, 3): ones on the diagonal, the pairs' mean |cos| off it
+    assert np.allclose(np.diag(m), 1.0, atol=1e-4)
+    assert m[~np.eye(3, dtype=bool)].mean() == pytest.approx(d["cross_cos"], abs=1e-3)  # one layer: the same mean
+    assert (m[~np.eye(3, dtype=bool)] < 0.9).all()
+    assert plot_arrow(d, tmp_path / "arrow.png").stat().st_size > 1000
 
 
 def test_expert_stops_on_a_plateau_and_keeps_the_best_weights(tiny_base_dir: Path) -> None:
@@ -96,3 +102,13 @@ def test_mix_throughput_runs_and_checks_logits_against_peft(tiny_base_dir: Path)
             "peft_mix3_cached_tok_s", "decode_base_tok_s", "decode_mix3_tok_s"}
     assert keys <= set(res) and all(res[k] > 0 for k in keys)
     assert res["logits_match"] is True and max(res["logits_max_abs_diff"].values()) < 1e-3
+
+
+def test_quality_skip_names_only_optional_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import quality
+
+    args = quality.parse_args(["--out", str(tmp_path), "--skip", "clusters,merged"])
+    assert set(args.skip.split(",")) <= set(quality.SKIPPABLE)
+    with pytest.raises(SystemExit):
+        quality.parse_args(["--out", str(tmp_path), "--skip", "experts"])
+    assert "unknown stage(s) experts" in capsys.readouterr().err

@@ -195,6 +195,7 @@ class RefineConfig:
 
 
 ROUTER_OBJECTIVES = ("kl", "loop")
+ROUTER_LEARN = ("keys", "head")
 
 
 @dataclass
@@ -229,6 +230,19 @@ class RouterTrainConfig:
     eval_every: int = 10  # steps between validation checks (early stopping on the routed loss)
     mix_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # trained-vs-key score interpolation, tuned on val
     tau_grid: tuple[float, ...] = (0.03, 0.1, 0.3)  # kl targets tried when tau is None, picked on val
+    # what the distillation learns: "keys" (one key per adapter, starting at its stored key, plus the
+    # temperature; the query side stays the encoder) or "head" (also a d x d map of the query embedding)
+    learn: str = "keys"
+    # L2 pull of each learned (unit) key toward its starting key, weighted against the KL; each value is
+    # tried and the one with the lowest held-out routed loss kept (a large value = the keys unchanged)
+    key_reg_grid: tuple[float, ...] = (0.0, 0.3, 3.0)
+    # start the keys at the loss-weighted centroid of the training queries (each query counted for the
+    # candidates in proportion to the target distribution), blended with the stored key: tried as well
+    # as the plain start when True; picked on the held-out pairs
+    centroid_init: bool = True
+    # score the query's own tokens as well as the target's (the loss of the whole text): more tokens of
+    # signal per pair at no extra cost (the query runs through the model anyway); off, only the target counts
+    score_query: bool = False
     min_gain: float = 0.0  # nats: the head beats the keys only if its val routed loss is lower by more
     verdict_z: float = 2.0  # ... and the paired per-pair gain is at least this many standard errors
     seed: int = 0
@@ -248,6 +262,10 @@ class RouterTrainConfig:
             raise ConfigError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if not 0.0 < self.query_fraction < 1.0:
             raise ConfigError(f"query_fraction must be in (0, 1), got {self.query_fraction}")
+        if self.learn not in ROUTER_LEARN:
+            raise ConfigError(f"unknown router learn {self.learn!r}; expected one of {', '.join(ROUTER_LEARN)}")
+        if not self.key_reg_grid or any(r < 0 for r in self.key_reg_grid):
+            raise ConfigError(f"key_reg_grid needs at least one value, all >= 0; got {self.key_reg_grid}")
 
     @property
     def target_tau(self) -> float:

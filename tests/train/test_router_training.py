@@ -211,6 +211,42 @@ def test_label_free_router_learns_the_loss_lowering_adapter_under_description_ke
     assert json.loads((eng.library.meta_path("router") / "head.json").read_text())["validation"]["beats_keys"] is True
 
 
+def test_label_free_keys_learn_the_mapping_from_unlabelled_pairs_alone(engine: Loramix, tmp_path: Path,
+                                                                       tiny_base_dir: Path) -> None:
+    """Descriptions that say nothing: only the (query, continuation) pairs can tell the adapters apart."""
+    eng = Loramix(tmp_path / "blank", base=tiny_base_dir)
+    for i, name in enumerate(("code-helper", "gardening-notes", "kitchen")):
+        eng.add_weights(engine.library.load(name), name, description=f"Adapter number {i + 1}.")
+    queries, targets = pairs()
+    rep = train_router(eng, queries, targets, RouterTrainConfig(), progress=False)
+    v = rep.validation
+    assert v["learn"] == "keys" and v["beats_keys"] is True and v["init"] in ("keys", "centroid")
+    assert len(v["fit_losses"]) == 3 * 3 * 2  # tau x key pull x start, each judged on the held-out pairs
+    trained = RouteConfig(k=1, strategy="trained")
+    assert [eng.route(q, trained).adapters[0].name for q in PLANT_HELD] == ["code-helper"] * 4
+    assert [eng.route(q, trained).adapters[0].name for q in CODE_HELD] == ["gardening-notes"] * 4
+    head = json.loads((eng.library.meta_path("router") / "head.json").read_text())
+    assert head["learn"] == "keys" and head["key_reg"] == v["key_reg"]
+
+
+def test_key_pull_holds_learned_keys_at_the_stored_ones(desc_engine: Loramix) -> None:
+    """A strong L2 pull toward the stored keys (the drift check inside the loss) keeps the keys in place;
+    without it the same pairs move them, and the query map stays the identity when only keys are learned."""
+    from safetensors.numpy import load_file
+
+    queries, targets = pairs()
+    drift = {}
+    for reg in (1e4, 0.0):
+        cfg = RouterTrainConfig(key_reg_grid=(reg,), centroid_init=False, tau=0.1, mix_grid=(1.0,), eval_every=300)
+        train_router(desc_engine, queries, targets, cfg, progress=False)
+        t = load_file(str(desc_engine.library.meta_path("router") / "head.safetensors"))
+        k0 = t["keys"] / np.linalg.norm(t["keys"], axis=1, keepdims=True)
+        k1 = (t["keys"] + t["key_delta"]) / np.linalg.norm(t["keys"] + t["key_delta"], axis=1, keepdims=True)
+        drift[reg] = float(1 - (k0 * k1).sum(axis=1).min())
+        assert not t["proj_weight"].any() and not t["proj_bias"].any()
+    assert drift[1e4] < 1e-3 < drift[0.0]
+
+
 def test_head_interpolated_back_to_the_keys_is_not_the_default(engine: Loramix) -> None:
     """With only mix 0 allowed the head routes exactly like the keys: no verdict for it, no default."""
     queries, targets = pairs()
@@ -260,6 +296,16 @@ def test_losses_are_cached(engine: Loramix) -> None:
     assert train_router(engine, queries, targets, cfg, progress=False).rows_scored == 3 * len(queries)
     rep = train_router(engine, queries, targets, cfg, progress=False)
     assert rep.rows_scored == 0 and rep.rows_cached == 3 * len(queries)
+
+
+def test_score_query_scores_the_whole_text(engine: Loramix) -> None:
+    cands = [["code-helper", "kitchen"]] * 2
+    qs, ts = PLANT_HELD[:2], [PLANT_TARGET] * 2
+    whole = candidate_losses(engine, qs, ts, cands, score_query=True)  # (2, 2)
+    assert np.allclose(whole, candidate_losses(engine, ["", ""], [q + t for q, t in zip(qs, ts, strict=True)], cands))
+    cont = candidate_losses(engine, qs, ts, cands)
+    assert (np.abs(whole - cont) > 1e-3).all()  # the query's tokens count: another number
+    assert whole[:, 0].mean() > cont[:, 0].mean()  # code-helper learnt the continuation, not the questions
 
 
 def test_supervised_router_learns_labels(engine: Loramix) -> None:

@@ -334,9 +334,10 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
         v = ((table.get(key) or {}).get("train") or {}).get("validation")
         if v:
             lines += [f"- label_free ({cond} keys) held-out check on {v.get('n_val')} pairs: routed loss keys "
-                      f"{_fmt(v.get('routed_loss_keys'), 4)}, head {_fmt(v.get('routed_loss_trained'), 4)} (mix "
-                      f"{v.get('mix')}, tau {v.get('tau')}, best step {v.get('best_step')}); beats keys: "
-                      f"**{v.get('beats_keys')}**"]
+                      f"{_fmt(v.get('routed_loss_keys'), 4)}, head {_fmt(v.get('routed_loss_trained'), 4)}, paired gain "
+                      f"{_fmt(v.get('gain'), 4)} +- {_fmt(v.get('gain_se'), 4)} (learns {v.get('learn', 'head')}, start "
+                      f"{v.get('init', 'keys')}, pull {v.get('key_reg', '–')}, mix {v.get('mix')}, tau {v.get('tau')}, "
+                      f"best step {v.get('best_step')}); beats keys: **{v.get('beats_keys')}**"]
     diag = report.get("arrow_diagnostics")
     if diag:
         lines += [f"- arrow diagnostics: top singular direction holds {_fmt(diag.get('top_share'))} of an update's "

@@ -8,9 +8,13 @@ keys) proposes ``k`` candidates; the mixer scores the target given the query (me
 * ``loop``: the uniform mix of the other ``k - 1`` candidates (leave one out); target
   ``softmax(loss_without_k / tau)``: an adapter whose removal hurts gets more mass.
 
-A :class:`~loramix.route.trained.RouterHead` (projection over the frozen encoder + per-adapter key
-deltas + temperature) is trained with AdamW to minimise ``KL(target || router)`` over the candidates;
-the LM side is frozen. Losses are cached per row in ``meta/router/losses.npz`` keyed by a hash of the
+A :class:`~loramix.route.trained.RouterHead` is trained with AdamW to minimise ``KL(target || router)``
+over the candidates, the LM side frozen. By default (``learn="keys"``) it learns only one key per
+adapter (and the temperature): the query side stays the frozen encoder, so a few hundred pairs fit
+n x d numbers, not a d x d map. Each key starts at its stored key (from examples or a one-line
+description) or at the loss-weighted centroid of the training queries, and an L2 term pulls it back
+toward the stored key; start, pull, tau, step and the blend with the stored keys are picked by the
+routed loss on held-out pairs. Losses are cached per row in ``meta/router/losses.npz`` keyed by a hash of the
 base model, the query, the target and the mixture's adapter blobs (sha256), so retraining only scores
 new rows. The supervised baseline (:func:`train_supervised_router`) is a classifier over adapters
 trained with Gumbel-softmax on texts labelled with the adapter they belong to.
@@ -233,8 +237,10 @@ def _chunks(rows: list[int], mixtures: Sequence[Mixture], capacity: int) -> list
 
 
 def _grid(engine: Loramix, queries: Sequence[str], targets: Sequence[str], candidates: Sequence[Sequence[str]],
-          objective: str, max_len: int, cache: bool) -> tuple[np.ndarray, int]:
+          objective: str, max_len: int, cache: bool, score_query: bool = False) -> tuple[np.ndarray, int]:
     k = len(candidates[0]) if len(candidates) else 0
+    if score_query:  # the loss covers the query's own tokens too: the whole text, no prompt
+        queries, targets = [""] * len(queries), [q + t for q, t in zip(queries, targets, strict=True)]
     if any(len(c) != k for c in candidates):
         raise ValueError("every query needs the same number of candidates")
     qs, ts, mixes = [], [], []
@@ -252,9 +258,11 @@ def _grid(engine: Loramix, queries: Sequence[str], targets: Sequence[str], candi
 
 
 def candidate_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
-                     candidates: Sequence[Sequence[str]], max_len: int = 256, cache: bool = True) -> np.ndarray:
-    """``(N, K)`` loss of each target given its query with each candidate adapter alone (cached)."""
-    return _grid(engine, queries, targets, candidates, "kl", max_len, cache)[0]
+                     candidates: Sequence[Sequence[str]], max_len: int = 256, cache: bool = True,
+                     score_query: bool = False) -> np.ndarray:
+    """``(N, K)`` loss of each target given its query with each candidate adapter alone (cached); with
+    ``score_query`` the loss of the whole text ``query + target``."""
+    return _grid(engine, queries, targets, candidates, "kl", max_len, cache, score_query)[0]
 
 
 def loo_losses(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
@@ -322,9 +330,11 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
 
     A held-out share of the pairs (``val_fraction``) keeps the head from drifting away from the keys:
     the head is evaluated every ``eval_every`` steps by its *routed loss* on them (the loss of the
-    candidate it ranks first) and the best state is kept (step 0 is the untrained router); with
-    ``tau`` None each of ``tau_grid`` is tried; finally its scores are interpolated with the untrained
-    cosines, ``mix`` in ``mix_grid`` picked on the same held-out pairs. The verdict ``beats_keys``
+    candidate it ranks first) and the best state is kept (step 0 is the starting keys); each ``tau``
+    (``tau_grid`` when None), each L2 pull toward the stored keys (``key_reg_grid``) and each start
+    (stored keys; with ``centroid_init`` also the loss-weighted query centroids) is fitted, the lowest
+    held-out routed loss wins (ties: the stronger pull); finally its scores are interpolated with the
+    untrained cosines, ``mix`` in ``mix_grid`` picked on the same held-out pairs. The verdict ``beats_keys``
     (held-out routed loss below the keys' by more than ``min_gain``) is stored with the head, and
     :func:`loramix.route.trained.default_strategy` uses the head by default only when it is True.
     """
@@ -346,9 +356,10 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
     qenc = _QueryEncoder(engine, queries, cfg.finetune_encoder)
     k = min(cfg.k, router.index.ntotal)
     cands = [[a for a, _ in row] for row in router.dense_search(qenc.frozen.numpy(), k, None)]
-    losses, scored = _grid(engine, queries, targets, cands, cfg.objective, cfg.max_len, cache=True)  # (N, K)
+    losses, scored = _grid(engine, queries, targets, cands, cfg.objective, cfg.max_len, True, cfg.score_query)  # (N, K)
     # the candidate-alone loss drives the routed-loss check for both objectives
-    alone = losses if cfg.objective == "kl" else _grid(engine, queries, targets, cands, "kl", cfg.max_len, True)[0]
+    alone = losses if cfg.objective == "kl" else _grid(engine, queries, targets, cands, "kl", cfg.max_len, True,
+                                                       cfg.score_query)[0]
     loss_t = torch.from_numpy(alone)  # (N, K)
     table = sorted({a for row in cands for a in row})
     key_ids, key_mat = engine.library.keys(table)
@@ -363,15 +374,29 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
     untrained_logits = torch.einsum("bd,bkd->bk", qenc.frozen[tv], key_t[cand[tv]])  # (V, K) cosines
     keys_loss = _routed_loss(untrained_logits, loss_t[tv])
     taus = [cfg.tau] if cfg.tau is not None else (list(cfg.tau_grid) if cfg.objective == "kl" else [cfg.target_tau])
+    key0 = F.normalize(key_t, dim=-1)  # (n, d) the stored keys, the regulariser's anchor
+    tt = torch.as_tensor(train_idx)
 
-    def fit(tau: float) -> tuple[RouterHead, tuple[float, float], int, dict[str, Any]]:
+    def centroids(p: torch.Tensor) -> torch.Tensor:
+        """Each adapter's loss-weighted mean of the training queries, normalised (stored key if it got no mass)."""
+        mass = torch.zeros(len(table), key_t.shape[1]).index_add_(
+            0, cand[tt].reshape(-1), (p[tt, :, None] * qenc.frozen[tt][:, None, :]).reshape(-1, key_t.shape[1]))
+        got = mass.norm(dim=1, keepdim=True) > 1e-6  # (n, 1)
+        return torch.where(got, F.normalize(mass, dim=-1), key0)  # (n, d)
+
+    def fit(tau: float, reg: float, init: str) -> tuple[RouterHead, tuple[float, float], int, dict[str, Any]]:
         p = torch.from_numpy(target_distribution(losses, cfg.objective, tau))  # (N, K)
         torch.manual_seed(cfg.seed)
         head = RouterHead(key_t, cfg.temperature, cfg.learn_temperature)
-        groups: list[dict[str, Any]] = [{"params": list(head.parameters()), "lr": cfg.lr}]
+        if init == "centroid":
+            with torch.no_grad():
+                head.key_delta.copy_(centroids(p) - key_t)
+        if cfg.learn == "keys":
+            head.proj.requires_grad_(False)  # the query side stays the encoder's embedding
+        groups: list[dict[str, Any]] = [{"params": [w for w in head.parameters() if w.requires_grad], "lr": cfg.lr}]
         if qenc.model is not None:
             groups.append({"params": list(qenc.model.parameters()), "lr": cfg.encoder_lr})
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay if cfg.learn == "head" else 0.0)
         rng = np.random.default_rng(cfg.seed)
 
         def val_loss() -> tuple[float, float]:
@@ -379,12 +404,14 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
                 return _val_key(head(qenc(val_idx, grad=False), cand[tv]), loss_t[tv])
 
         best = (val_loss(), 0, copy.deepcopy(head.state_dict()))
-        with _progress(progress, f"train router (tau {tau:g})") as bar:
+        with _progress(progress, f"train router (tau {tau:g}, reg {reg:g}, {init})") as bar:
             task = bar.add_task("router", total=cfg.steps, loss="-")
             for step in range(1, cfg.steps + 1):
                 b = rng.choice(train_idx, size=min(cfg.batch_size, len(train_idx)), replace=False)
                 logits = head(qenc(b, grad=True), cand[torch.as_tensor(b)])  # (B, K)
                 loss = F.kl_div(F.log_softmax(logits, dim=1), p[torch.as_tensor(b)], reduction="batchmean")
+                if reg > 0:  # drift check in the loss: keep the keys near the ones the library stores
+                    loss = loss + reg * ((head.effective_keys() - key0) ** 2).sum(dim=1).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -396,8 +423,9 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
         head.load_state_dict(best[2])
         return head, best[0], best[1], {"p": p}  # type: ignore[return-value]
 
-    fits = [(tau, *fit(tau)) for tau in taus]
-    tau, head, _, best_step, extra = min(fits, key=lambda f: (f[2], f[0]))
+    inits = ["keys", "centroid"] if cfg.centroid_init else ["keys"]
+    fits = [((tau, reg, init), *fit(tau, reg, init)) for tau in taus for reg in cfg.key_reg_grid for init in inits]
+    (tau, key_reg, init), head, _, best_step, extra = min(fits, key=lambda f: (f[2], -f[0][1], f[0][0]))
     p = extra["p"]
     with torch.no_grad():
         temp = head.temperature
@@ -416,7 +444,9 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
     validation = {"n_val": int(len(val_idx)), "routed_loss_keys": keys_loss, "routed_loss_trained": routed,
                   "gain": g_mean, "gain_se": g_se, "z": cfg.verdict_z,
                   "mix": mix, "mix_losses": {str(m): v for m, v in mix_scores.items()}, "tau": tau,
-                  "tau_losses": {str(f[0]): f[2][0] for f in fits}, "best_step": best_step, "beats_keys": beats,
+                  "key_reg": key_reg, "init": init, "learn": cfg.learn,
+                  "fit_losses": {f"tau={f[0][0]:g},reg={f[0][1]:g},{f[0][2]}": f[2][0] for f in fits},
+                  "best_step": best_step, "beats_keys": beats,
                   "min_gain": cfg.min_gain,
                   "rule": "beats_keys: on the held-out pairs the routed loss is lower than the keys' by more than "
                           "min_gain and by more than z standard errors of the paired per-pair gain"}
@@ -450,7 +480,8 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
         val_p_best_before=pbest0, temperature=float(head.temperature.detach()), rows_scored=scored,
         rows_cached=losses.size - scored, seconds=time.perf_counter() - t0, path="", validation=validation)
     config = {"objective": cfg.objective, "k": k, "tau": tau, "steps": cfg.steps, "best_step": best_step,
-              "lr": cfg.lr, "seed": cfg.seed, "mix": mix, "validation": validation,
+              "lr": cfg.lr, "seed": cfg.seed, "mix": mix, "learn": cfg.learn, "key_reg": key_reg, "init": init,
+              "validation": validation,
               "encoder": router.encoder.name, "finetuned_encoder": cfg.finetune_encoder,
               "base": engine.base_path().name, "created": time.time(), "report": report.to_dict()}
     report.path = str(save_head(engine.library, head, table, config))
