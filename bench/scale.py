@@ -190,6 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base", default=None)
     p.add_argument("--probe-rss", action="store_true", help=argparse.SUPPRESS)  # internal: the fresh process
     args = p.parse_args(argv)
+    # OpenMP threads that sleep at once when idle: with the default (spinning) policy, a 2-thread team on a
+    # busy 2-core machine burned 16x the CPU of the work itself (the nano basis SVD: 20 s CPU for 1.3 s of
+    # work). Set before torch or faiss start their OpenMP runtimes; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.probe_rss:
         print(json.dumps(probe_rss(args.out / "library", args.index, args.base)))
         return 0
@@ -197,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res: dict[str, Any] = {"bench": "scale", "n": n, "command": cmd, "load_avg": os.getloadavg()[0],
-                           "cpus": os.cpu_count()}
+                           "cpus": os.cpu_count(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
     import torch
 
