@@ -241,7 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     if basis_id not in lib.bases.ids():
         log("computing the nano basis (SVD of the base's linear layers)")
         t = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small SVDs: MKL's 2-thread LAPACK spin-waited for 10x the work when busy
         lib.put_basis(compute_basis(model, NANO_RANK))
+        torch.set_num_threads(threads)
         prev = json.loads(build_file.read_text()) if build_file.is_file() else {}
         build_file.write_text(json.dumps(prev | {"basis_s": round(time.perf_counter() - t, 1)}))
     basis = lib.nano_basis(basis_id)
