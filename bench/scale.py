@@ -162,6 +162,8 @@ def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2)
     tier = AdapterCache(lib, max_bytes=256 << 20)
     mm = MixedModel(base, tier, MixConfig(capacity=100, max_rank=NANO_RANK))
     mm.release(mm.prepare([[(a, 1.0)] for a in ids]))
+    gc.collect()
+    out["adapters_loaded_mib"] = round(rss_mib(), 1)  # 100 in slots and the tier, before any forward pass
     rows = [[(ids[(3 * r + j) % 100], 1 / 3) for j in range(3)] for r in range(16)]
     batch = mm.prepare(rows)
     mm.forward(batch, input_ids=torch.randint(0, base.tokenizer.vocab_size, (16, 128)))
@@ -171,6 +173,13 @@ def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2)
     out["loaded_adapters"] = len(mm.loaded)
     out["tier_bytes"] = tier.bytes
     out["rss_mib"] = round(rss_mib(), 1)
+    try:  # what of it is freed memory the C allocator keeps (activations of the forward pass)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["after_malloc_trim_mib"] = round(rss_mib(), 1)
+    except (OSError, AttributeError):
+        pass
     return out
 
 
