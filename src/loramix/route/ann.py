@@ -72,6 +72,14 @@ def _to_str(x: int) -> str:
     return f"{int(x):016x}"
 
 
+def _mapped(path: Path, n: int, d: int) -> np.ndarray:
+    """The first ``n`` rows of a float32 file, memory-mapped, as a plain ndarray view (indexing an
+    ``np.memmap`` costs ~0.2 ms of Python per call; the view reads the same pages)."""
+    if not n:
+        return np.zeros((0, d), np.float32)
+    return np.asarray(np.memmap(path, dtype=np.float32, mode="r", shape=(n, d)))
+
+
 def _checksums(mat: np.ndarray) -> np.ndarray:
     return np.fromiter((int.from_bytes(hashlib.blake2b(r.tobytes(), digest_size=8).digest(), "little")
                         for r in np.ascontiguousarray(mat, dtype=np.float32)), dtype=np.uint64, count=len(mat))
@@ -89,6 +97,7 @@ class AnnIndex:
         self._vecs = np.zeros((0, 0), dtype=np.float32)  # (rows, d) — a memmap once persisted
         self._keys = np.zeros(0, dtype=np.uint64)  # row -> adapter id
         self._alive = np.zeros(0, dtype=bool)
+        self._count: tuple[Any, int] = (None, 0)  # (state it was counted at, live rows)
         self._sums = np.zeros(0, dtype=np.uint64)
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their rows)
         self.lib_generation = -1  # library generation at the last sync
@@ -99,7 +108,10 @@ class AnnIndex:
     # --- state --------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return int(self._alive.sum())
+        key = (self.generation, id(self._alive), len(self._alive))
+        if self._count[0] != key:  # counted once per change, not per search (a million flags take ~1 ms)
+            self._count = (key, int(self._alive.sum()))
+        return self._count[1]
 
     def __len__(self) -> int:
         return self.ntotal
@@ -150,7 +162,7 @@ class AnnIndex:
             return
         self.dim, self.kind, self._index = dim, str(meta["kind"]), index
         self._keys, self._alive, self._sums = meta["keys"], meta["alive"].copy(), meta["sums"]
-        self._vecs = np.memmap(vpath, dtype=np.float32, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float32)
+        self._vecs = _mapped(vpath, n, dim)
         self.lib_generation = int(meta["lib_generation"])
         self._apply_search_params()
 
@@ -203,7 +215,7 @@ class AnnIndex:
 
     def _remap(self, n: int, d: int) -> None:
         vpath = self._paths()[0]
-        self._vecs = np.memmap(vpath, dtype=np.float32, mode="r", shape=(n, d)) if n else np.zeros((0, d), np.float32)
+        self._vecs = _mapped(vpath, n, d)
 
     # --- building -----------------------------------------------------------------------------
     def _choose_kind(self, n: int) -> str:
