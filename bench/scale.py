@@ -58,6 +58,16 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_parts() -> dict[str, float]:
+    """Resident memory by kind: anonymous (heap, tensors), file-backed (memory-mapped files), shared."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
@@ -155,9 +165,10 @@ def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2)
     out["encoder_mib"] = round(rss_mib(), 1)
     rng = np.random.default_rng(seed)
     alive = np.flatnonzero(index._alive)
-    probes = np.asarray(index._vecs[rng.choice(alive, 200, replace=False)], dtype=np.float32)
+    probes = index._rows(np.sort(rng.choice(alive, 200, replace=False)))  # read, not through the memory map
     for v in (*q, *probes):
         index.search(v[None], 3)
+    out["searched_mib"] = round(rss_mib(), 1)
     ids = [f"{int(x):016x}" for x in index._keys[rng.choice(alive, 100, replace=False)]]
     tier = AdapterCache(lib, max_bytes=256 << 20)
     mm = MixedModel(base, tier, MixConfig(capacity=100, max_rank=NANO_RANK))
@@ -173,6 +184,7 @@ def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2)
     out["loaded_adapters"] = len(mm.loaded)
     out["tier_bytes"] = tier.bytes
     out["rss_mib"] = round(rss_mib(), 1)
+    out["rss_parts_mib"] = rss_parts()
     try:  # what of it is freed memory the C allocator keeps (activations of the forward pass)
         import ctypes
 

@@ -98,6 +98,7 @@ class AnnIndex:
         self._keys = np.zeros(0, dtype=np.uint64)  # row -> adapter id
         self._alive = np.zeros(0, dtype=bool)
         self._count: tuple[Any, int] = (None, 0)  # (state it was counted at, live rows)
+        self._vec_fd: int | None = None  # the key file, for positioned reads of a few rows
         self._sums = np.zeros(0, dtype=np.uint64)
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their rows)
         self.lib_generation = -1  # library generation at the last sync
@@ -214,6 +215,9 @@ class AnnIndex:
         self._remap(n + len(vecs), vecs.shape[1])
 
     def _remap(self, n: int, d: int) -> None:
+        if self._vec_fd is not None:  # the file may have been replaced: reopen on the next read
+            os.close(self._vec_fd)
+            self._vec_fd = None
         vpath = self._paths()[0]
         self._vecs = _mapped(vpath, n, d)
 
@@ -399,9 +403,20 @@ class AnnIndex:
     def _format(self, scores: np.ndarray, rows: np.ndarray) -> list[tuple[str, float]]:
         return [(_to_str(self._keys[r]), float(s)) for s, r in zip(scores, rows, strict=True) if r >= 0]
 
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """Key vectors of a few rows by positioned reads of the key file (touching the memory map would
+        count ~64 KB of mapped file per row in the process's RSS, growing towards the whole file)."""
+        if self.folder is None or len(rows) > 4096 or not len(self._vecs):
+            return np.asarray(self._vecs[rows], dtype=np.float32)
+        if self._vec_fd is None:
+            self._vec_fd = os.open(self._paths()[0], os.O_RDONLY)
+        fd, d = self._vec_fd, self._vecs.shape[1]
+        data = b"".join(os.pread(fd, 4 * d, r * 4 * d) for r in rows.tolist())
+        return np.frombuffer(data, dtype=np.float32).reshape(len(rows), d)  # (m, d)
+
     def _exact(self, qi: np.ndarray, k: int, rows: np.ndarray) -> list[tuple[str, float]]:
         rows = np.sort(rows)
-        scores = np.asarray(self._vecs[rows], dtype=np.float32) @ qi  # (m,)
+        scores = self._rows(rows) @ qi  # (m,)
         top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         return self._format(scores[top], rows[top])
