@@ -58,6 +58,16 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_parts() -> dict[str, float]:
+    """Resident memory by kind: anonymous (heap, tensors), file-backed (memory-mapped files), shared."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("RssAnon:", "RssFile:", "RssShmem:")):
+                out[line.split(":")[0]] = round(int(line.split()[1]) / 1024, 1)
+    return out
+
+
 def pct(xs: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(xs), q)) if xs else float("nan")
 
@@ -125,6 +135,66 @@ def key_batch(real: np.ndarray, start: int, stop: int, sigma: float) -> np.ndarr
     return out.astype(np.float32)
 
 
+# --- steady memory, in a fresh serving-like process ---------------------------------------------------
+def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2) -> dict[str, Any]:
+    """A new process's resident memory once it serves from the library: base, encoder, the key index
+    loaded (not rebuilt), 100 adapters in the mixer's slots through the in-memory tier, queries routed
+    and one mixed forward of 16 x 128 run. (The bench's own process also holds what only the benchmark
+    needs: the build's leftovers, the exact-search check, timing arrays.)"""
+    import torch
+
+    from loramix.base import load_base
+    from loramix.config import MixConfig
+    from loramix.mix import MixedModel
+    from loramix.route.ann import AnnConfig, AnnIndex
+    from loramix.route.encoder import get_encoder
+    from loramix.store import Library
+    from loramix.store.tiers import AdapterCache
+
+    torch.set_grad_enabled(False)
+    out: dict[str, Any] = {"start_mib": round(rss_mib(), 1)}
+    base = load_base(base_name)
+    out["base_mib"] = round(rss_mib(), 1)
+    lib = Library(home)
+    index = AnnIndex(lib.meta_path("index"), AnnConfig(kind=index_kind))
+    rep = index.sync(lib)
+    out["index_mib"] = round(rss_mib(), 1)
+    out["index_resynced"] = len(rep.added)
+    enc = get_encoder()
+    q = enc.encode(["how do I configure the network interface", "a recipe with lentils"])
+    out["encoder_mib"] = round(rss_mib(), 1)
+    rng = np.random.default_rng(seed)
+    alive = np.flatnonzero(index._alive)
+    probes = index._rows(np.sort(rng.choice(alive, 200, replace=False)))  # read, not through the memory map
+    for v in (*q, *probes):
+        index.search(v[None], 3)
+    out["searched_mib"] = round(rss_mib(), 1)
+    ids = [f"{int(x):016x}" for x in index._keys[rng.choice(alive, 100, replace=False)]]
+    tier = AdapterCache(lib, max_bytes=256 << 20)
+    mm = MixedModel(base, tier, MixConfig(capacity=100, max_rank=NANO_RANK))
+    mm.release(mm.prepare([[(a, 1.0)] for a in ids]))
+    gc.collect()
+    out["adapters_loaded_mib"] = round(rss_mib(), 1)  # 100 in slots and the tier, before any forward pass
+    rows = [[(ids[(3 * r + j) % 100], 1 / 3) for j in range(3)] for r in range(16)]
+    batch = mm.prepare(rows)
+    mm.forward(batch, input_ids=torch.randint(0, base.tokenizer.vocab_size, (16, 128)))
+    mm.release(batch)
+    del batch
+    gc.collect()
+    out["loaded_adapters"] = len(mm.loaded)
+    out["tier_bytes"] = tier.bytes
+    out["rss_mib"] = round(rss_mib(), 1)
+    out["rss_parts_mib"] = rss_parts()
+    try:  # what of it is freed memory the C allocator keeps (activations of the forward pass)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        out["after_malloc_trim_mib"] = round(rss_mib(), 1)
+    except (OSError, AttributeError):
+        pass
+    return out
+
+
 # --- the benchmark -----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,19 +209,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=5000, help="adapters per add_many transaction")
     p.add_argument("--traffic", type=int, default=1500, help="Zipf requests for the slot hit rate")
     p.add_argument("--base", default=None)
+    p.add_argument("--probe-rss", action="store_true", help=argparse.SUPPRESS)  # internal: the fresh process
     args = p.parse_args(argv)
+    # OpenMP threads that sleep at once when idle: with the default (spinning) policy, a 2-thread team on a
+    # busy 2-core machine burned 16x the CPU of the work itself (the nano basis SVD: 20 s CPU for 1.3 s of
+    # work). Set before torch or faiss start their OpenMP runtimes; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.probe_rss:
+        print(json.dumps(probe_rss(args.out / "library", args.index, args.base)))
+        return 0
     n = args.adapters
     t_all = time.perf_counter()
     cmd = "python bench/scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     res: dict[str, Any] = {"bench": "scale", "n": n, "command": cmd, "load_avg": os.getloadavg()[0],
-                           "cpus": os.cpu_count()}
+                           "cpus": os.cpu_count(), "omp_wait_policy": os.environ["OMP_WAIT_POLICY"],
+                           "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
 
     import torch
 
     from loramix.base import load_base
     from loramix.config import MixConfig
     from loramix.mix import MixedModel
-    from loramix.nano import NanoWeights, base_fingerprint, compute_basis
+    from loramix.nano import NanoStack, base_fingerprint, compute_basis
     from loramix.route.ann import AnnConfig, AnnIndex
     from loramix.route.encoder import get_encoder
     from loramix.store import Library, NewAdapter
@@ -179,9 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     lib = Library(home)
     model = base.model
     basis_id = f"{base_fingerprint(model)}-r{NANO_RANK}"
+    build_file = args.out / "build.json"
     if basis_id not in lib.bases.ids():
         log("computing the nano basis (SVD of the base's linear layers)")
+        t = time.perf_counter()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # many small SVDs: MKL's 2-thread LAPACK spin-waited for 10x the work when busy
         lib.put_basis(compute_basis(model, NANO_RANK))
+        torch.set_num_threads(threads)
+        prev = json.loads(build_file.read_text()) if build_file.is_file() else {}
+        build_file.write_text(json.dumps(prev | {"basis_s": round(time.perf_counter() - t, 1)}))
     basis = lib.nano_basis(basis_id)
     n_layers = int(model.config.num_hidden_layers)
     paths = [pth for pth in sorted(basis.layers) if int(pth.split(".")[2]) >= n_layers // 2]
@@ -190,9 +276,11 @@ def main(argv: list[str] | None = None) -> int:
                        "weights": f"synthetic: cores ~ N(0, {CORE_STD}^2) over the real base's SVD basis"}
     have = len(lib)
     t_build = time.perf_counter()
-    build_prev = json.loads((args.out / "build.json").read_text()) if (args.out / "build.json").is_file() else {}
+    build_prev = json.loads(build_file.read_text()) if build_file.is_file() else {}
     if have < n:
         log(f"registering adapters {have}..{n - 1} in batches of {args.batch}")
+
+        paths_t = tuple(paths)
 
         def items(start: int, stop: int) -> Any:
             g = torch.Generator().manual_seed(start)
@@ -201,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
                 cores = (torch.randn(e - b, len(paths), NANO_RANK, NANO_RANK, generator=g) * CORE_STD).half()
                 keys = key_batch(real, b, e, args.perturb)
                 for j in range(e - b):
-                    w = NanoWeights(rank=NANO_RANK, basis_id=basis_id, cores=dict(zip(paths, cores[j], strict=True)))
+                    w = NanoStack(NANO_RANK, basis_id, paths_t, cores[j])
                     yield NewAdapter(f"s{b + j:07d}", w, domain_tags=[f"d{(b + j) % 50}", "all"],
                                      skill_tags=["rare"] if (b + j) % 1000 == 0 else [], key=keys[j])
 
@@ -209,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
         def progress(done: int) -> None:  # the build time so far survives a kill (resumed runs add to it)
             prev = build_prev.get("add_s", 0.0)
-            (args.out / "build.json").write_text(json.dumps({**build_prev, "add_s": prev + time.perf_counter()
+            build_file.write_text(json.dumps({**build_prev, "add_s": prev + time.perf_counter()
                                                              - t_build}))
             if time.perf_counter() - last[0] > 30:
                 last[0] = time.perf_counter()
@@ -226,30 +314,41 @@ def main(argv: list[str] | None = None) -> int:
     index_s = time.perf_counter() - t_index
     log(f"index: {index.kind}, {index.ntotal} keys ({len(rep.added)} added now, {loaded_n} loaded from disk) "
         f"in {index_s:.1f} s")
-    build = {"add_s": round(add_s, 1), "index_s": round(index_s + (build_prev.get("index_s", 0.0) if not rep.added
-                                                                    else 0.0), 1)}
+    build = {"basis_s": build_prev.get("basis_s", 0.0), "add_s": round(add_s, 1),
+             "index_s": round(index_s + (build_prev.get("index_s", 0.0) if not rep.added else 0.0), 1)}
     if have < n or rep.added:
-        (args.out / "build.json").write_text(json.dumps(build))
-    res["build_s"] = round(build["add_s"] + build["index_s"], 1)
+        build_file.write_text(json.dumps(build))
+    res["build_s"] = round(build["basis_s"] + build["add_s"] + build["index_s"], 1)
     res["build"] = build | {"resumed_from": have, "index_loaded_rows": loaded_n}
     res["index_kind"] = index.kind
+    res["index_params"] = {k: v for k, v in vars(index.cfg).items() if k != "kind"}
     res["disk_bytes"] = int(sum(lib.disk_bytes().values()))
     res["disk"] = lib.disk_bytes()
 
+    # 4.-7. one query / one adapter at a time: on one thread (a serving process answers single requests so;
+    # an OpenMP team on a busy 2-core machine mostly waits for its own threads)
+    torch_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    res["latency_threads"] = 1
     # 4. search latency and recall@3 against exact search over the same keys
     alive = index._alive
     n_rows, vec_file = len(alive), index.folder / "ann_vecs.f32"  # type: ignore[operator]
     # exact top-3 by brute force over the raw key file, read in chunks (file reads, not the index's
     # memory map: the steady RSS below must not count pages only this check touched)
-    scores = np.full((len(queries), n_rows), -np.inf, dtype=np.float32)
+    best_s = np.full((len(queries), 3), -np.inf, dtype=np.float32)  # running exact top-3 (scores, rows)
+    best_r = np.zeros((len(queries), 3), dtype=np.int64)
     with open(vec_file, "rb") as f:
         for j in range(0, n_rows, 100_000):
             m = min(100_000, n_rows - j)
             chunk = np.frombuffer(f.read(m * DIM * 4), dtype=np.float32).reshape(m, DIM)
-            scores[:, j:j + m] = queries @ chunk.T
-    scores[:, ~alive] = -np.inf
-    exact_top = [{int(x) for x in np.argpartition(-row, 3)[:3]} for row in scores]
-    del scores
+            sc = queries @ chunk.T  # (Q, m)
+            sc[:, ~alive[j:j + m]] = -np.inf
+            top = np.argpartition(-sc, 3, axis=1)[:, :3]  # (Q, 3)
+            all_s = np.concatenate([best_s, np.take_along_axis(sc, top, 1)], 1)  # (Q, 6)
+            all_r = np.concatenate([best_r, top + j], 1)
+            keep = np.argsort(-all_s, axis=1, kind="stable")[:, :3]
+            best_s, best_r = np.take_along_axis(all_s, keep, 1), np.take_along_axis(all_r, keep, 1)
+    exact_top = [{int(x) for x in row} for row in best_r]
     lat: list[float] = []
     hits = 0
     rows_of = {}
@@ -296,12 +395,12 @@ def main(argv: list[str] | None = None) -> int:
     sample = [aid(i) for i in rng.choice(len(live_u64), 200, replace=False)]
     tier = AdapterCache(lib, max_bytes=256 << 20)
     cold, hot = [], []
-    for aid in sample:
+    for a in sample:
         t = time.perf_counter()
-        tier(aid)
+        tier(a)
         cold.append((time.perf_counter() - t) * 1000)
         t = time.perf_counter()
-        tier(aid)
+        tier(a)
         hot.append((time.perf_counter() - t) * 1000)
     cold_nano = []  # the cores alone (what a summed-core nano mixer would need), other adapters
     for i in rng.choice(len(live_u64), 200, replace=False):
@@ -329,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"slot hit rate {res['slot_hit_rate']} over {args.traffic} Zipf requests")
 
     # 8. mixing throughput: 16 x 128, 3 different nano adapters per row, against the base alone
+    torch.set_num_threads(torch_threads)
+    res["throughput_threads"] = torch_threads
     mix_ids = [aid(i) for i in rng.choice(len(live_u64), 48, replace=False)]
     rows = [[(mix_ids[3 * r + j], 1 / 3) for j in range(3)] for r in range(16)]
     x = torch.randint(0, base.tokenizer.vocab_size, (16, 128))
@@ -361,8 +462,17 @@ def main(argv: list[str] | None = None) -> int:
     mm.release(mm.prepare([[(a, 1.0)] for a in extra]))
     gc.collect()
     res["loaded_adapters"] = len(mm.loaded)
-    res["rss_mib"] = round(rss_mib(), 1)
+    res["rss_bench_process_mib"] = round(rss_mib(), 1)
     res["tier"] = tier.stats()
+    import subprocess
+
+    probe_cmd = [sys.executable, str(Path(__file__).resolve()), "--probe-rss", "--out", str(args.out),
+                 "--index", args.index] + (["--base", args.base] if args.base else [])
+    done = subprocess.run(probe_cmd, capture_output=True, text=True, check=True)
+    probe = json.loads(done.stdout.strip().splitlines()[-1])
+    res["rss_mib"] = probe["rss_mib"]
+    res["rss_probe"] = probe
+    log(f"rss (fresh serving process) {probe['rss_mib']} MiB; bench process {res['rss_bench_process_mib']} MiB")
 
     # 10. the record of the index choice: HNSW+SQ8 vs IVF+SQ8 on the same keys
     if args.compare_index if args.compare_index is not None else n <= 200_000:

@@ -13,6 +13,7 @@ a weighted mixture of nano adapters is a nano adapter: ``sum_j w_j delta_j = U_r
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +24,7 @@ from torch import nn
 from loramix.errors import InvalidAdapter
 from loramix.lora import LoraWeights
 
-__all__ = ["NANO_KIND", "NanoBasis", "NanoWeights", "base_fingerprint", "compute_basis"]
+__all__ = ["NANO_KIND", "NanoBasis", "NanoStack", "NanoWeights", "base_fingerprint", "compute_basis"]
 
 NANO_KIND = "nano"
 LORA_KIND = "lora"
@@ -34,6 +35,11 @@ _SAMPLE = 4096  # weight values per layer hashed into the base fingerprint
 def linear_paths(model: nn.Module) -> list[str]:
     """The paths of the base's linear layers a nano adapter may adapt (all but ``lm_head``)."""
     return sorted(p for p, m in model.named_modules() if isinstance(m, nn.Linear) and not p.endswith("lm_head"))
+
+
+@functools.lru_cache(maxsize=256)
+def _module_names(paths: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(sorted({path.rsplit(".", 1)[-1] for path in paths}))
 
 
 def base_fingerprint(model: nn.Module) -> str:
@@ -56,10 +62,36 @@ class NanoBasis:
     rank: int
     base_id: str
     layers: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    _plans: dict[tuple[str, ...], Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @property
     def id(self) -> str:
         return f"{self.base_id}-r{self.rank}"
+
+    def plan(self, paths: tuple[str, ...]) -> tuple[torch.Tensor, list[tuple[int, int, list[str], torch.Tensor,
+                                                                              torch.Tensor]]]:
+        """How to expand cores over ``paths`` in a few batched products (built once per paths tuple, kept):
+        a permutation of the cores grouping layers of one shape, and per group ``(lo, hi, names, U (g, n_out, r),
+        Vh (g, r, n_in))`` where rows ``lo:hi`` of the permuted cores belong to ``names``."""
+        hit = self._plans.get(paths)
+        if hit is not None:
+            return hit
+        members: dict[tuple[int, int], list[int]] = {}
+        for i, path in enumerate(paths):
+            u, vh = self.layers[path]
+            members.setdefault((int(u.shape[0]), int(vh.shape[1])), []).append(i)
+        perm: list[int] = []
+        groups = []
+        for rows in members.values():
+            names = [paths[i] for i in rows]
+            groups.append((len(perm), len(perm) + len(rows), names,
+                           torch.stack([self.layers[p][0] for p in names]),  # (g, n_out, r)
+                           torch.stack([self.layers[p][1] for p in names])))  # (g, r, n_in)
+            perm += rows
+        if len(self._plans) >= 8:
+            self._plans.pop(next(iter(self._plans)))
+        plan = self._plans[paths] = (torch.tensor(perm), groups)
+        return plan
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         out: dict[str, torch.Tensor] = {}
@@ -110,7 +142,13 @@ class NanoWeights:
 
     @property
     def target_modules(self) -> list[str]:
-        return sorted({path.rsplit(".", 1)[-1] for path in self.cores})
+        return list(_module_names(tuple(self.cores)))
+
+    def stacked(self) -> NanoStack:
+        """The same adapter with its cores as one ``(L, r, r)`` tensor (in the cores' order)."""
+        paths = tuple(self.cores)
+        return NanoStack(self.rank, self.basis_id, paths, torch.stack([self.cores[p].detach() for p in paths]),
+                         dict(self.extra_config))
 
     @property
     def alpha(self) -> float:
@@ -134,21 +172,92 @@ class NanoWeights:
                 raise InvalidAdapter(f"nano core targets {path}, which the basis {basis.id} lacks; expected one of "
                                      f"its {len(basis.layers)} layers")
 
-        if not bool(torch.isfinite(torch.stack([m.float() for m in self.cores.values()])).all()):  # one check
+        if not bool(torch.isfinite(torch.stack([m.detach().float() for m in self.cores.values()])).all()):  # one check
             bad = next(p for p, m in self.cores.items() if not bool(torch.isfinite(m).all()))
             raise InvalidAdapter(f"nano core of {bad} holds NaN or infinite values; expected finite numbers")
 
     def to_lora(self, basis: NanoBasis) -> LoraWeights:
         """The equal LoRA: ``A = Vh_r``, ``B = U_r @ M``, ``alpha = r`` (scale 1); same delta, PEFT-loadable."""
-        if basis.id != self.basis_id:
-            raise InvalidAdapter(f"nano adapter uses basis {self.basis_id!r}, not {basis.id!r}")
-        layers = {}
-        for path, m in self.cores.items():
-            u, vh = basis.layers[path]
-            layers[path] = (vh.clone(), u @ m.to(u.dtype))  # (r, n_in), (n_out, r)
-        return LoraWeights(rank=self.rank, alpha=float(self.rank), layers=layers, use_rslora=False,
-                           extra_config=dict(self.extra_config))
+        return self.stacked().to_lora(basis)
 
     def delta(self, path: str, basis: NanoBasis) -> torch.Tensor:
         u, vh = basis.layers[path]
         return u.float() @ self.cores[path].float() @ vh.float()  # (n_out, n_in)
+
+
+@dataclass
+class NanoStack:
+    """A nano adapter with its cores as one tensor ``stack (L, r, r)``, row ``i`` being ``paths[i]``'s core.
+
+    The bulk form: :meth:`Library.add_many` takes it like :class:`NanoWeights` (it validates, serialises and
+    expands to LoRA with a few whole-tensor operations instead of one per layer), and the library reads
+    nano blobs into it on the way to the mixer. :meth:`to_weights` gives the per-layer form."""
+
+    rank: int
+    basis_id: str
+    paths: tuple[str, ...]
+    stack: torch.Tensor
+    extra_config: dict[str, Any] = field(default_factory=dict)
+
+    kind = NANO_KIND
+
+    @property
+    def n_params(self) -> int:
+        return int(self.stack.numel())
+
+    @property
+    def target_modules(self) -> list[str]:
+        return list(_module_names(self.paths))
+
+    @property
+    def alpha(self) -> float:
+        return float(self.rank)
+
+    def stacked(self) -> NanoStack:
+        return self
+
+    def to_weights(self) -> NanoWeights:
+        return NanoWeights(self.rank, self.basis_id, dict(zip(self.paths, self.stack.unbind(0), strict=True)),
+                           dict(self.extra_config))
+
+    def validate(self, basis: NanoBasis | None = None) -> None:
+        """The checks of :meth:`NanoWeights.validate`, on the whole stack at once."""
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+            raise InvalidAdapter(f"nano rank is {self.rank!r}; expected a positive integer")
+        st = self.stack
+        if not isinstance(st, torch.Tensor) or not st.is_floating_point() or st.dim() != 3 \
+                or tuple(st.shape) != (len(self.paths), self.rank, self.rank):
+            shape = tuple(st.shape) if isinstance(st, torch.Tensor) else type(st).__name__
+            raise InvalidAdapter(f"nano core stack is {shape}; expected a floating-point ({len(self.paths)}, "
+                                 f"{self.rank}, {self.rank}) tensor, one core per path")
+        if not self.paths:
+            raise InvalidAdapter("nano adapter has no cores; expected at least one (r, r) core")
+        if len(set(self.paths)) != len(self.paths):
+            raise InvalidAdapter("nano core stack names a layer twice; expected one core per layer")
+        if basis is not None:
+            if basis.id != self.basis_id:
+                raise InvalidAdapter(f"nano adapter uses basis {self.basis_id!r} but the library's basis is "
+                                     f"{basis.id!r}; expected an adapter trained on this base model at this rank")
+            missing = [p for p in self.paths if p not in basis.layers]
+            if missing:
+                raise InvalidAdapter(f"nano core targets {missing[0]}, which the basis {basis.id} lacks; expected one "
+                                     f"of its {len(basis.layers)} layers")
+        if not bool(torch.isfinite(st).all()):
+            bad = self.paths[int(torch.nonzero(~torch.isfinite(st).flatten(1).all(1))[0])]
+            raise InvalidAdapter(f"nano core of {bad} holds NaN or infinite values; expected finite numbers")
+
+    def to_lora(self, basis: NanoBasis) -> LoraWeights:
+        """The equal LoRA (``A = Vh_r``, ``B = U_r @ M``, ``alpha = r``): one batched product per layer shape.
+
+        The ``A`` tensors are read-only views shared by every adapter expanded over this basis (they are the
+        same for all of them); ``B`` is the adapter's own. Nothing in loramix writes weights in place."""
+        if basis.id != self.basis_id:
+            raise InvalidAdapter(f"nano adapter uses basis {self.basis_id!r}, not {basis.id!r}")
+        perm, groups = basis.plan(self.paths)
+        cores = self.stack.index_select(0, perm)  # (L, r, r), grouped by layer shape
+        layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for lo, hi, names, u, vh in groups:  # u (g, n_out, r), vh (g, r, n_in)
+            b = torch.bmm(u, cores[lo:hi].to(u.dtype))  # (g, n_out, r)
+            layers.update(zip(names, zip(vh.unbind(0), b.unbind(0), strict=True), strict=True))
+        return LoraWeights(rank=self.rank, alpha=float(self.rank), layers=layers, use_rslora=False,
+                           extra_config=dict(self.extra_config))

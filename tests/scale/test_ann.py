@@ -39,6 +39,26 @@ def test_recall_at_3_against_exact(kind):
     assert hits / (3 * len(qs)) >= 0.95
 
 
+def test_ivf_with_a_graph_over_its_centroids_persists_and_recalls(tmp_path):
+    vecs, keys = clustered(4000), ids(4000)
+    cfg = AnnConfig(kind="ivfsq", ivf_lists=64, ivf_graph_lists=32, ivf_probe=24)
+    idx = AnnIndex(tmp_path / "ix", cfg)
+    idx.upsert(keys, vecs)
+    idx.save()
+    again = AnnIndex(tmp_path / "ix", cfg)
+    import faiss
+
+    assert isinstance(faiss.downcast_index(faiss.downcast_index(again._index).quantizer), faiss.IndexHNSW)
+    qs = clustered(100, seed=2)
+    hits = sum(len(set(exact(vecs, keys, q, 3)) & {a for a, _ in again.search(q[None], 3)[0]}) for q in qs)
+    assert hits / (3 * len(qs)) >= 0.95
+
+
+def test_auto_goes_flat_then_hnsw_then_ivf():
+    idx = AnnIndex(None, AnnConfig(exact_max=100, hnsw_max=1000))
+    assert [idx._choose_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "hnsw", "hnsw", "ivfsq"]
+
+
 def test_auto_is_exact_below_threshold_and_approximate_above():
     vecs, keys = clustered(700), ids(700)
     idx = AnnIndex(None, AnnConfig(exact_max=500))

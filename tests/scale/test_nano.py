@@ -172,3 +172,63 @@ def test_engine_tiers_and_stats_snapshot(tmp_path, tiny_base_dir, basis):
     res = CliRunner().invoke(app, ["stats", "--home", str(tmp_path / "lib"), "--json"])
     out = json.loads(res.stdout)
     assert out["adapters"] == 3 and out["engine"]["memory_tier"]["hits"] == 1
+
+
+def test_stacked_form_equals_per_layer_form(tmp_path, basis):
+    """NanoStack (the bulk form) serialises to the very bytes of NanoWeights, expands to the same LoRA, and is
+    what the library reads back; order of the given paths does not matter."""
+    from safetensors.torch import save
+
+    from loramix.nano import NanoStack
+    from loramix.store.nano_io import NANO_META_KEY, nano_blob_bytes, read_nano_stack
+
+    w = random_nano(basis, seed=3)
+    paths = tuple(reversed(sorted(w.cores)))  # not the basis's order
+    st = NanoStack(basis.rank, basis.id, paths, torch.stack([w.cores[p] for p in paths]).half())
+    w16 = NanoWeights(basis.rank, basis.id, {p: m.half() for p, m in w.cores.items()})
+    order = sorted(basis.layers)
+    ref = save({"cores": torch.stack([w16.cores[p] for p in order if p in w16.cores])},
+               metadata={NANO_META_KEY: json.dumps({"rank": 4, "basis": basis.id, "extra": {},
+                                                    "layers": [order.index(p) for p in order if p in w16.cores]},
+                                                   sort_keys=True)})
+    assert nano_blob_bytes(st, basis) == nano_blob_bytes(w16, basis) == ref  # what safetensors itself writes
+    back = read_nano_stack(ref, lambda _: basis)
+    assert back.to_weights().cores.keys() == w16.cores.keys()
+    assert all(torch.equal(back.to_weights().cores[p], w16.cores[p]) for p in w16.cores)
+    a, b = st.to_lora(basis), w16.to_lora(basis)
+    for p in paths:
+        assert torch.equal(a.delta(p), b.delta(p))
+        u, vh = basis.layers[p]
+        assert torch.allclose(a.delta(p), u @ w16.cores[p].float() @ vh, atol=1e-6)
+        assert torch.equal(a.layers[p][0], vh)
+    lib = Library(tmp_path / "lib")
+    lib.put_basis(basis)
+    from loramix.store import NewAdapter
+
+    ids = lib.add_many([NewAdapter("stacked", st), NewAdapter("dict", w16)])
+    assert lib.get(ids[0]).blob == lib.get(ids[1]).blob and lib.get(ids[0]).n_params == st.n_params == 16 * len(paths)
+    got = lib.load(ids[0])
+    assert all(torch.equal(got.delta(p), b.delta(p)) for p in paths)
+
+
+def test_stacked_form_validation(tmp_path, basis):
+    from loramix.nano import NanoStack
+    from loramix.store import NewAdapter
+
+    lib = Library(tmp_path / "lib")
+    lib.put_basis(basis)
+    paths = tuple(sorted(basis.layers))[:3]
+    good = torch.zeros(3, 4, 4)
+    bad = good.clone()
+    bad[1, 0, 0] = float("inf")
+    cases = [(NanoStack(4, basis.id, paths, bad), f"{paths[1]} holds NaN or infinite"),
+             (NanoStack(4, basis.id, paths, torch.zeros(3, 4, 3)), r"\(3, 4, 3\)"),
+             (NanoStack(4, basis.id, paths[:2], good), r"\(2, 4, 4\)"),
+             (NanoStack(4, basis.id, (paths[0], paths[0], paths[1]), good), "twice"),
+             (NanoStack(4, basis.id, (*paths[:2], "model.nowhere"), good), "model.nowhere"),
+             (NanoStack(4, basis.id, paths, torch.zeros(3, 4, 4, dtype=torch.long)), "floating-point"),
+             (NanoStack(4, "other-r4", paths, good), "basis")]
+    for w, msg in cases:
+        with pytest.raises(InvalidAdapter, match=msg):
+            lib.add_many([NewAdapter("x", w)])
+    assert len(lib) == 0

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,17 +43,21 @@ KINDS = ("auto", "flat", "hnsw", "ivfsq")
 class AnnConfig:
     """How the key index is built and searched."""
 
-    kind: str = "auto"  # auto: flat below exact_max keys, hnsw above; or force flat | hnsw | ivfsq
+    kind: str = "auto"  # auto: flat up to exact_max keys, hnsw up to hnsw_max, ivfsq above; or force one
     exact_max: int = 5_000  # up to this many keys exact (flat) search; at 10k bench/scale.py measured HNSW faster
+    hnsw_max: int = 50_000  # above: IVF + SQ8 (at 100k keys HNSW+SQ8 recall@3 fell to 0.84, IVF kept 0.97)
     hnsw_m: int = 32  # HNSW graph degree
     ef_construction: int = 80
     ef_search: int = 96
     ivf_lists: int = 0  # 0: about 4 * sqrt(n)
     ivf_probe: int = 24
+    ivf_graph_lists: int = 1024  # from this many lists on, the centroids are searched through an HNSW graph
+    kmeans_iters: int = 10  # k-means iterations finding the IVF lists (faiss's default is 25)
     rerank: int = 24  # approximate candidates re-scored exactly (at least k)
     prefilter_max: int = 20_000  # a tag filter allowing at most this many adapters is searched exactly
     rebuild_dead_share: float = 0.2  # rebuild once this share of rows are tombstones
     threads: int = 1  # faiss threads per search (one query: 1 is fastest)
+    checkpoint_s: float = 120.0  # a long first sync saves its progress this often (a kill resumes from there)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -65,6 +70,14 @@ def _to_u64(ids: Iterable[str]) -> np.ndarray:
 
 def _to_str(x: int) -> str:
     return f"{int(x):016x}"
+
+
+def _mapped(path: Path, n: int, d: int) -> np.ndarray:
+    """The first ``n`` rows of a float32 file, memory-mapped, as a plain ndarray view (indexing an
+    ``np.memmap`` costs ~0.2 ms of Python per call; the view reads the same pages)."""
+    if not n:
+        return np.zeros((0, d), np.float32)
+    return np.asarray(np.memmap(path, dtype=np.float32, mode="r", shape=(n, d)))
 
 
 def _checksums(mat: np.ndarray) -> np.ndarray:
@@ -84,6 +97,8 @@ class AnnIndex:
         self._vecs = np.zeros((0, 0), dtype=np.float32)  # (rows, d) — a memmap once persisted
         self._keys = np.zeros(0, dtype=np.uint64)  # row -> adapter id
         self._alive = np.zeros(0, dtype=bool)
+        self._count: tuple[Any, int] = (None, 0)  # (state it was counted at, live rows)
+        self._vec_fd: int | None = None  # the key file, for positioned reads of a few rows
         self._sums = np.zeros(0, dtype=np.uint64)
         self._lookup: tuple[np.ndarray, np.ndarray] | None = None  # (sorted live ids, their rows)
         self.lib_generation = -1  # library generation at the last sync
@@ -94,7 +109,10 @@ class AnnIndex:
     # --- state --------------------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return int(self._alive.sum())
+        key = (self.generation, id(self._alive), len(self._alive))
+        if self._count[0] != key:  # counted once per change, not per search (a million flags take ~1 ms)
+            self._count = (key, int(self._alive.sum()))
+        return self._count[1]
 
     def __len__(self) -> int:
         return self.ntotal
@@ -145,7 +163,7 @@ class AnnIndex:
             return
         self.dim, self.kind, self._index = dim, str(meta["kind"]), index
         self._keys, self._alive, self._sums = meta["keys"], meta["alive"].copy(), meta["sums"]
-        self._vecs = np.memmap(vpath, dtype=np.float32, mode="r", shape=(n, dim)) if n else np.zeros((0, dim), np.float32)
+        self._vecs = _mapped(vpath, n, dim)
         self.lib_generation = int(meta["lib_generation"])
         self._apply_search_params()
 
@@ -197,16 +215,19 @@ class AnnIndex:
         self._remap(n + len(vecs), vecs.shape[1])
 
     def _remap(self, n: int, d: int) -> None:
+        if self._vec_fd is not None:  # the file may have been replaced: reopen on the next read
+            os.close(self._vec_fd)
+            self._vec_fd = None
         vpath = self._paths()[0]
-        self._vecs = np.memmap(vpath, dtype=np.float32, mode="r", shape=(n, d)) if n else np.zeros((0, d), np.float32)
+        self._vecs = _mapped(vpath, n, d)
 
     # --- building -----------------------------------------------------------------------------
     def _choose_kind(self, n: int) -> str:
         if self.cfg.kind != "auto":
             return self.cfg.kind
-        return "flat" if n <= self.cfg.exact_max else "hnsw"
+        return "flat" if n <= self.cfg.exact_max else "hnsw" if n <= self.cfg.hnsw_max else "ivfsq"
 
-    def _new_index(self, kind: str, d: int, sample: np.ndarray) -> Any:
+    def _new_index(self, kind: str, d: int, sample: np.ndarray, n_expected: int = 0) -> Any:
         if kind == "flat":
             return faiss.IndexFlatIP(d)
         if kind == "hnsw":
@@ -215,10 +236,16 @@ class AnnIndex:
             hnsw.hnsw.efConstruction = self.cfg.ef_construction
             hnsw.train(sample)
             return hnsw
-        nlist = self.cfg.ivf_lists or max(16, int(4 * math.sqrt(max(len(sample), 1))))
+        nlist = self.cfg.ivf_lists or max(16, int(4 * math.sqrt(max(n_expected, len(sample), 1))))
         nlist = min(nlist, max(1, len(sample) // 39))
-        quant = faiss.IndexFlatIP(d)
+        # many lists: the coarse search itself goes through a small HNSW graph over the centroids (the
+        # k-means that finds them runs on a flat index)
+        graph = nlist >= self.cfg.ivf_graph_lists
+        quant: Any = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT) if graph else faiss.IndexFlatIP(d)
         index = faiss.IndexIVFScalarQuantizer(quant, d, nlist, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        if graph:
+            index.clustering_index = faiss.IndexFlatIP(d)
+            index.cp.niter = self.cfg.kmeans_iters
         index.train(sample)
         return index
 
@@ -228,6 +255,9 @@ class AnnIndex:
             base.hnsw.efSearch = self.cfg.ef_search
         elif self.kind == "ivfsq" and base is not None:
             base.nprobe = self.cfg.ivf_probe
+            quant: Any = faiss.downcast_index(base.quantizer)
+            if isinstance(quant, faiss.IndexHNSW):
+                quant.hnsw.efSearch = max(64, 2 * self.cfg.ivf_probe)
 
     def rebuild(self, expected: int | None = None) -> None:
         """Rebuild from the live rows (drops tombstones; may switch exact <-> approximate)."""
@@ -241,7 +271,7 @@ class AnnIndex:
         self.kind = self._choose_kind(max(n, expected or 0))
         rng = np.random.default_rng(0)
         sample = vecs[rng.choice(n, size=min(n, 100_000), replace=False)] if n else vecs
-        self._index = self._new_index(self.kind, d, np.ascontiguousarray(sample))
+        self._index = self._new_index(self.kind, d, np.ascontiguousarray(sample), max(n, expected or 0))
         for i in range(0, n, 65536):
             self._index.add(np.ascontiguousarray(vecs[i:i + 65536]))
         self.dim = d
@@ -331,14 +361,16 @@ class AnnIndex:
     def _first_sync(self, lib: Any, gen: int) -> SyncReport:
         report = SyncReport()
         n_total = int(lib._read("SELECT COUNT(*) FROM keys")[0][0])
-        for ids, mat in lib.iter_keys(batch_size=50_000):
+        saved = time.monotonic()
+        for ids, mat in lib.iter_keys(batch_size=100_000):  # the first batch is the approximate index's sample
             if self.dim is None or self._index is None:
                 self._build(_to_u64(ids), np.asarray(mat, dtype=np.float32), _checksums(mat), expected=n_total)
             else:
                 self.upsert(ids, mat)
             report.added += ids
-            if n_total > 50_000:
+            if time.monotonic() - saved > self.cfg.checkpoint_s:
                 self.save()  # a long first sync survives a kill: the next one resumes from here
+                saved = time.monotonic()
         self.lib_generation = gen
         self.save()
         return report
@@ -371,9 +403,20 @@ class AnnIndex:
     def _format(self, scores: np.ndarray, rows: np.ndarray) -> list[tuple[str, float]]:
         return [(_to_str(self._keys[r]), float(s)) for s, r in zip(scores, rows, strict=True) if r >= 0]
 
+    def _rows(self, rows: np.ndarray) -> np.ndarray:
+        """Key vectors of a few rows by positioned reads of the key file (touching the memory map would
+        count ~64 KB of mapped file per row in the process's RSS, growing towards the whole file)."""
+        if self.folder is None or len(rows) > 4096 or not len(self._vecs):
+            return np.asarray(self._vecs[rows], dtype=np.float32)
+        if self._vec_fd is None:
+            self._vec_fd = os.open(self._paths()[0], os.O_RDONLY)
+        fd, d = self._vec_fd, self._vecs.shape[1]
+        data = b"".join(os.pread(fd, 4 * d, r * 4 * d) for r in rows.tolist())
+        return np.frombuffer(data, dtype=np.float32).reshape(len(rows), d)  # (m, d)
+
     def _exact(self, qi: np.ndarray, k: int, rows: np.ndarray) -> list[tuple[str, float]]:
         rows = np.sort(rows)
-        scores = np.asarray(self._vecs[rows], dtype=np.float32) @ qi  # (m,)
+        scores = self._rows(rows) @ qi  # (m,)
         top = np.argpartition(-scores, k - 1)[:k] if len(scores) > k else np.arange(len(scores))
         top = top[np.argsort(-scores[top], kind="stable")]
         return self._format(scores[top], rows[top])

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from loramix.errors import AdapterExists, InvalidAdapter, LibraryError
-from loramix.store.nano_io import BasisStore, is_nano_blob, nano_blob_bytes, read_nano_bytes
+from loramix.store.nano_io import BasisStore, is_nano_blob, nano_blob_bytes, read_nano_bytes, read_nano_stack
 from loramix.store.packs import MAX_ITEM_BYTES, PACK_SCHEMA, CompactReport, PackStore
 from loramix.store.records import check_key, check_meta, check_name, check_tags, check_texts, dump_json
 
@@ -58,7 +58,7 @@ class NewAdapter:
     """One adapter for :meth:`Library.add_many`: weights (LoRA or nano) and what the registry keeps."""
 
     name: str
-    weights: Any  # LoraWeights | NanoWeights
+    weights: Any  # LoraWeights | NanoWeights | NanoStack
     description: str = ""
     domain_tags: Sequence[str] = ()
     skill_tags: Sequence[str] = ()
@@ -163,7 +163,7 @@ class ScaleMixin:
         if verify and hashlib.sha256(data).hexdigest() != rec.blob:
             raise LibraryError(f"blob {rec.blob} of adapter {rec.name!r} is corrupt (sha256 mismatch)")
         if is_nano_blob(data):
-            nano = read_nano_bytes(data, self.bases.get)
+            nano = read_nano_stack(data, self.bases.get)
             return nano.to_lora(self.bases.get(nano.basis_id))
         from safetensors.torch import load
 
@@ -177,16 +177,16 @@ class ScaleMixin:
     # --- adding --------------------------------------------------------------------------------
     def _serialize(self, weights: Any, name: str) -> tuple[str, bytes]:
         from loramix.lora import LoraWeights
-        from loramix.nano import NanoWeights
+        from loramix.nano import NanoStack, NanoWeights
         from loramix.store.peft_io import blob_bytes, human_bytes, validate_weights
 
-        if isinstance(weights, NanoWeights):
+        if isinstance(weights, NanoWeights | NanoStack):
             basis = self.bases.get(weights.basis_id)
             weights.validate(basis)
             return "nano", nano_blob_bytes(weights, basis)
         if not isinstance(weights, LoraWeights):
-            raise InvalidAdapter(f"weights of {name!r} are a {type(weights).__name__}; expected LoraWeights or "
-                                 "NanoWeights")
+            raise InvalidAdapter(f"weights of {name!r} are a {type(weights).__name__}; expected LoraWeights, "
+                                 "NanoWeights or NanoStack")
         validate_weights(weights, self.base_shapes)
         data = blob_bytes(weights)
         if len(data) > self.max_bytes:

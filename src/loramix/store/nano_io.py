@@ -11,53 +11,118 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from loramix.errors import InvalidAdapter, LibraryError
 
 if TYPE_CHECKING:
-    from loramix.nano import NanoBasis, NanoWeights
+    from loramix.nano import NanoBasis, NanoStack, NanoWeights
 
 NANO_META_KEY = "loramix_nano"
 BASIS_SUFFIX = ".safetensors"
 
 
-def nano_blob_bytes(w: NanoWeights, basis: NanoBasis) -> bytes:
-    """Canonical safetensors bytes of a nano adapter (deterministic)."""
+_HEADERS: dict[tuple[str, tuple[int, ...], str], bytes] = {}  # (dtype, shape, metadata) -> safetensors header
+_PARSED: dict[bytes, tuple[dict, str, tuple[int, ...], int]] = {}  # header -> (meta, dtype, shape, data offset)
+_CACHE_MAX = 4096
+
+
+def _header(dtype: Any, shape: tuple[int, ...], meta_json: str) -> bytes:
+    """The safetensors header (length prefix + JSON) of a file holding one tensor ``cores``: it depends only on
+    dtype, shape and metadata, so it is made once by safetensors itself and reused."""
     import torch
     from safetensors.torch import save
 
-    order = sorted(basis.layers)
-    pos = {p: i for i, p in enumerate(order)}
-    paths = sorted(w.cores, key=lambda p: pos[p])
-    cores = torch.stack([w.cores[p].detach().cpu() for p in paths]).contiguous()  # (L, r, r)
-    meta = {"rank": w.rank, "basis": w.basis_id, "layers": [pos[p] for p in paths], "extra": w.extra_config}
-    return save({"cores": cores}, metadata={NANO_META_KEY: json.dumps(meta, sort_keys=True)})
+    key = (str(dtype), shape, meta_json)
+    head = _HEADERS.get(key)
+    if head is None:
+        blob = save({"cores": torch.zeros(shape, dtype=dtype)}, metadata={NANO_META_KEY: meta_json})
+        head = blob[:8 + int.from_bytes(blob[:8], "little")]
+        if len(_HEADERS) >= _CACHE_MAX:
+            _HEADERS.clear()
+        _HEADERS[key] = head
+    return head
+
+
+_ORDERS: dict[str, tuple[list[str], dict[str, int]]] = {}  # basis id -> (sorted layer paths, their positions)
+
+
+def _order(basis: NanoBasis) -> tuple[list[str], dict[str, int]]:
+    hit = _ORDERS.get(basis.id)
+    if hit is None or len(hit[0]) != len(basis.layers):
+        order = sorted(basis.layers)
+        hit = _ORDERS[basis.id] = (order, {p: i for i, p in enumerate(order)})
+    return hit
+
+
+def nano_blob_bytes(w: NanoWeights | NanoStack, basis: NanoBasis) -> bytes:
+    """Canonical safetensors bytes of a nano adapter (deterministic; the same bytes safetensors.save writes)."""
+    import torch
+
+    pos = _order(basis)[1]
+    st = w.stacked()
+    paths, stack = st.paths, st.stack
+    layers = [pos[p] for p in paths]
+    if layers != sorted(layers):  # canonical order: the basis's sorted layer paths
+        perm = sorted(range(len(paths)), key=lambda i: layers[i])
+        layers, stack = [layers[i] for i in perm], stack[torch.tensor(perm)]
+    cores = stack.detach().cpu().contiguous()  # (L, r, r)
+    meta = json.dumps({"rank": w.rank, "basis": w.basis_id, "layers": layers, "extra": w.extra_config},
+                      sort_keys=True)
+    return _header(cores.dtype, tuple(cores.shape), meta) + cores.view(torch.uint8).numpy().tobytes()
 
 
 def is_nano_blob(data: bytes) -> bool:
     return NANO_META_KEY.encode() in data[:4096]
 
 
+def _parse(data: bytes) -> tuple[dict, str, tuple[int, ...], int]:
+    n = int.from_bytes(data[:8], "little")
+    head = bytes(data[:8 + n])
+    hit = _PARSED.get(head)
+    if hit is None:
+        header = json.loads(head[8:])
+        meta = json.loads(header["__metadata__"][NANO_META_KEY])
+        t = header["cores"]
+        start, end = t["data_offsets"]
+        if start != 0:
+            raise ValueError("the cores do not start the data section")
+        hit = (meta, str(t["dtype"]), tuple(int(x) for x in t["shape"]), 8 + n)
+        if len(_PARSED) >= _CACHE_MAX:
+            _PARSED.clear()
+        _PARSED[head] = hit
+    return hit
+
+
+_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
 def read_nano_bytes(data: bytes, basis_of: object) -> NanoWeights:
     """Decode a nano blob; ``basis_of(basis_id) -> NanoBasis`` resolves the layer indices."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    return read_nano_stack(data, basis_of).to_weights()
 
-    from loramix.nano import NanoWeights
+
+def read_nano_stack(data: bytes, basis_of: object) -> NanoStack:
+    """Decode a nano blob into its stacked form (no per-layer tensors)."""
+    import torch
+
+    from loramix.nano import NanoStack
 
     try:
-        n = int.from_bytes(data[:8], "little")
-        header = json.loads(data[8:8 + n])
-        meta = json.loads(header["__metadata__"][NANO_META_KEY])
-        cores = load(data)["cores"]  # (L, r, r)
-    except (SafetensorError, KeyError, ValueError, TypeError) as e:
+        meta, dtype, shape, off = _parse(data)
+        dt = getattr(torch, _DTYPES[dtype])
+        count = 1
+        for s in shape:
+            count *= s
+        if len(data) - off != count * dt.itemsize:
+            raise ValueError(f"{len(data) - off} data bytes for a {dtype} tensor of shape {shape}")
+        cores = torch.frombuffer(bytearray(data[off:]), dtype=dt).reshape(shape)  # (L, r, r)
+    except (KeyError, ValueError, TypeError) as e:
         raise LibraryError(f"a nano blob is unreadable ({e}); expected one written by loramix") from e
     basis = basis_of(meta["basis"])  # type: ignore[operator]
-    order = sorted(basis.layers)
+    order = _order(basis)[0]
     paths = [order[i] for i in meta["layers"]]
-    return NanoWeights(rank=int(meta["rank"]), basis_id=str(meta["basis"]),
-                       cores={p: cores[i] for i, p in enumerate(paths)}, extra_config=dict(meta.get("extra") or {}))
+    return NanoStack(int(meta["rank"]), str(meta["basis"]), tuple(paths), cores, dict(meta.get("extra") or {}))
 
 
 class BasisStore:

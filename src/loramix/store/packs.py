@@ -66,6 +66,7 @@ class PackStore:
         self.root = Path(root)
         self.max_pack_bytes = int(max_pack_bytes)
         self._maps: dict[int, mmap.mmap] = {}
+        self._fds: dict[int, int] = {}  # pack -> read-only descriptor for positioned reads
         self._lock = threading.Lock()
         self.fault: str | None = None  # tests: "after_write" raises once the bytes are fsynced, before commit
 
@@ -150,18 +151,24 @@ class PackStore:
         if row is None:
             return None
         pack, off, length, crc = int(row[0]), int(row[1]), int(row[2]), int(row[3])
-        try:
-            mm = self._map(pack, off + length)
-        except (OSError, ValueError) as e:
+        try:  # a positioned read, not a memory map: mapped pages would count in the process's RSS
+            data = os.pread(self._fd(pack), length, off)  # (the kernel maps ~64 KB around each fault)
+        except OSError as e:
             raise LibraryError(f"pack {self.path(pack)} holding blob {sha} is unreadable ({e}); the library is "
                                "damaged (was the packs folder edited?)") from e
-        if len(mm) < off + length:
-            raise LibraryError(f"pack {self.path(pack)} is {len(mm)} bytes but blob {sha} ends at {off + length}; "
+        if len(data) < length:
+            raise LibraryError(f"pack {self.path(pack)} ends before blob {sha} does (at {off + length}); "
                                "the pack was truncated")
-        data = mm[off:off + length]
         if verify and zlib.crc32(data) != crc:
             raise LibraryError(f"blob {sha} in {self.path(pack)} fails its crc32 check; the pack is corrupt")
         return data
+
+    def _fd(self, pack: int) -> int:
+        with self._lock:
+            fd = self._fds.get(pack)
+            if fd is None:
+                fd = self._fds[pack] = os.open(self.path(pack), os.O_RDONLY)
+            return fd
 
     def close(self) -> None:
         with self._lock:
@@ -169,6 +176,10 @@ class PackStore:
                 with contextlib.suppress(BufferError):
                     mm.close()
             self._maps.clear()
+            for fd in self._fds.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._fds.clear()
 
     # --- compaction ----------------------------------------------------------------------------
     def compact(self, c: sqlite3.Connection, live_sql: str = "SELECT 1 FROM adapters WHERE blob = ? LIMIT 1",
@@ -229,3 +240,7 @@ class PackStore:
                     if mm is not None:
                         with contextlib.suppress(BufferError):
                             mm.close()
+                    fd = self._fds.pop(int(m.group(1)), None)
+                    if fd is not None:
+                        with contextlib.suppress(OSError):
+                            os.close(fd)
