@@ -81,7 +81,10 @@ def generate(fwd: Forward, ids: torch.Tensor, new_tokens: int, keep: int | None 
     return torch.cat(out, 1)  # (B, new)
 
 
-def mixer_run(mm: MixedModel, rows: list[list[tuple[str, float]]], ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+def mixer_run(mm: MixedModel, rows: list[list[tuple[str, float]]], ids: torch.Tensor, new_tokens: int,
+              kernel: bool | None = None) -> torch.Tensor:
+    if kernel is not None:  # this generation with or without the compiled kernel (the batch's plan keeps it)
+        mm.cfg.kernel = kernel
     batch = mm.prepare(rows)
     try:
         return generate(lambda **kw: mm.forward(batch, **kw), ids, new_tokens)
@@ -130,6 +133,8 @@ def main() -> None:
     ap.add_argument("--home", default=None, help="library home (default: a new temp dir)")
     ap.add_argument("--no-kernel", action="store_true", help="the mixer's torch forms only (no compiled kernel)")
     ap.add_argument("--no-fold", action="store_true", help="never fold a shared mixture into the weights")
+    ap.add_argument("--compare-kernel", action="store_true",
+                    help="also time mix3/mix8 at the largest batch with the torch forms (no kernel), round-robin")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     load0 = os.getloadavg()
@@ -147,6 +152,7 @@ def main() -> None:
         if off and hasattr(cfg, name):
             setattr(cfg, name, type(getattr(cfg, name))(0))
     mm = MixedModel(base, lib.load, cfg)
+    kernel_on = getattr(cfg, "kernel", None)
     note(f"library of {len(names)} adapters ready in {home}")
 
     def rows_for(setting: str, nb: int) -> list[list[tuple[str, float]]]:
@@ -166,7 +172,12 @@ def main() -> None:
                 runs[f"base_b{nb}"] = lambda nb=nb: generate(plain, prompts[nb], args.new_tokens)
             else:
                 runs[f"{setting}_b{nb}"] = (lambda nb=nb, setting=setting:
-                                            mixer_run(mm, rows_for(setting, nb), prompts[nb], args.new_tokens))
+                                            mixer_run(mm, rows_for(setting, nb), prompts[nb], args.new_tokens, kernel_on))
+    if args.compare_kernel and hasattr(cfg, "kernel"):  # the torch forms as peers in the same round-robin
+        nb = max(batches)
+        for setting in ("mix3", "mix8"):
+            runs[f"{setting}_torch_b{nb}"] = (lambda nb=nb, setting=setting:
+                                              mixer_run(mm, rows_for(setting, nb), prompts[nb], args.new_tokens, False))
 
     nb_max = max(batches)
     nb_min = min(batches)
@@ -193,6 +204,8 @@ def main() -> None:
     for nb in batches:
         for setting in SETTINGS[1:]:
             res[f"{setting}_b{nb}_x"] = res[f"{setting}_b{nb}"] / res[f"base_b{nb}"]
+    for key in [k for k in list(res) if "_torch_" in k]:
+        res[key + "_x"] = res[key] / res[f"base_b{key.rsplit('_b', 1)[1]}"]
     load1 = os.getloadavg()
 
     print("command: python bench/decode.py " + " ".join(sys.argv[1:]))
@@ -200,7 +213,7 @@ def main() -> None:
           f"adapters (random weights at a trained scale) on {len(TARGETS)} projections x top {n_layers - n_layers // 2} "
           f"layers; prompt {args.prompt}, {args.new_tokens} new tokens, greedy, KV cache; "
           f"{torch.get_num_threads()} threads; median of {args.repeats}, round-robin; "
-          f"kernel={getattr(cfg, 'kernel', 'n/a')} fold_after={getattr(cfg, 'fold_after', 'n/a')}")
+          f"kernel={kernel_on} fold_after={getattr(cfg, 'fold_after', 'n/a')}")
     print(f"load average before {load0[0]:.1f}, after {load1[0]:.1f} (cores: {os.cpu_count()})")
     print(f"check, logits over {steps} greedy steps vs a copy with the row's deltas merged: " + ", ".join(f"{k} max|diff| {v:.2e}" for k, v in checks.items())
           + (" OK" if ok else " MISMATCH"))
@@ -208,6 +221,10 @@ def main() -> None:
     for nb in batches:
         print(f"  {nb:>5} " + " ".join(f"{res[f'{s}_b{nb}']:12.1f}" for s in SETTINGS) + "   "
               + " ".join(f"{res[f'{s}_b{nb}_x']:8.3f}" for s in SETTINGS[1:]))
+    extra = [k for k in res if "_torch_" in k and not k.endswith("_x")]
+    if extra:
+        print("  torch forms (no kernel), same round-robin: " + ", ".join(
+            f"{k} {res[k]:.1f} tok/s ({res[k + '_x']:.3f}x)" for k in extra))
     targets = {"mix3_b1_x": 0.95, "mix3_b16_x": 0.95, "mix8_b16_x": 0.85}
     print("targets: " + ", ".join(f"{k} >= {v}: {'PASS' if res.get(k, 0) >= v else 'FAIL'} ({res.get(k, 0):.3f})"
                                   for k, v in targets.items() if k in res))
