@@ -5,12 +5,13 @@ distinct adapter of the batch and mask (``dense``: U/K times the needed multiply
 row's adapters into per-row tensors and use ``bmm`` (``gather``: K copies of every adapter streamed
 from memory per call). In decode, with a handful of tokens per row, both cost more than the
 arithmetic. This kernel (Punica's BGMV, written for a CPU) reads each row's adapters in place from
-the batch's factors, ``h = x @ A_j.T`` then ``y += w_j * h @ B_j``, a row per thread: the minimum
-multiply-adds, and each layer's adapters stay in cache across rows.
+the mixer's slot tensors at their true ranks, ``h = w_j * x @ A_j.T`` adapter by adapter, then
+``y += h @ B_j`` 64 outputs at a time: the minimum multiply-adds, each adapter read from memory once
+per call, and nothing copied when a batch forms.
 
 It is plain C compiled once with the system's C compiler into ``<cache>/kernels`` (on first use,
-never at import) and called through ``ctypes`` with raw pointers. Where no compiler works, or for a
-dtype other than float32, :func:`available` is False and the mixer keeps its torch forms; tests
+never at import) and called through ``ctypes`` with one struct pointer. Where no compiler works :func:`available` is
+False, and for a dtype other than float32 or under autograd the mixer keeps its torch forms; tests
 check the kernel against the float64 reference over the shape grid.
 """
 

@@ -156,12 +156,12 @@ class MixedModel:
                 if weight != 0.0:
                     idx[i, j], w[i, j] = slots[aid], weight
         device = next(self.model.parameters()).device
-        # {slot: summed weight} per row: an adapter named twice in a row counts once
-        per_row = [{slots[aid]: v for aid, v in self._summed(row).items()} for row in frozen]
+        summed = [self._summed(row) for row in frozen]  # an adapter named twice in a row counts once
+        per_row = [{slots[aid]: v for aid, v in mix.items()} for mix in summed]  # {slot: summed weight}
         self._pins.update(ids)
         plan = make_plan(per_row, device, fold_after=self.cfg.fold_after, kernel=self.cfg.kernel)
         if plan is not None and plan.kind == "same" and self.cfg.fold_after > 0:
-            mix_key = tuple(sorted((aid, w) for aid, w in self._summed(frozen[0]).items()))
+            mix_key = tuple(sorted(summed[0].items()))
             if self._folds is None or self._folds[0] != mix_key:
                 self._folds = (mix_key, {})
             plan.folds = self._folds[1]

@@ -16,7 +16,9 @@ batch's adapters (true rank only) into small contiguous tensors, once per batch 
   mixture's stacked factors, the weights folded into ``B``; once the batch has made ``fold_after``
   calls (it is decoding, so it will make many more) the mixture's delta is folded into a copy of the
   layer's weight and every later call is the base layer's single matmul against ``W + delta``.
-- ``rows``: rows differ: either ``dense`` (one matmul against the batch's U distinct adapters,
+- ``rows``: rows differ: decode calls (at most ``KERNEL_MAX_TOKENS`` tokens per row) go to the
+  compiled kernel over the slots (:func:`slot_kernel`, :mod:`loramix.mix.kernel`) where it runs;
+  otherwise either ``dense`` (one matmul against the batch's U distinct adapters,
   a per-row weight mask, one matmul back; reads each adapter once per call, best for decode) or
   ``gather`` (each row's own k adapters, weights folded into B, two batched matmuls; fewer flops,
   best when a call has many tokens per row, as in prefill).
@@ -53,7 +55,7 @@ class MixPlan:
     # ``same`` plans: each layer's folded weight (W + delta) by layer key, shared by every batch with this
     # mixture (rows joining and leaving keep it); None: never fold
     folds: dict[int, torch.Tensor] | None = None
-    slot_idx: torch.Tensor | None = None  # (B, K) each row's adapters by slot number (made once, for the kernel)
+    slot_idx: torch.Tensor | None = None  # (B, K) on the CPU: each row's adapters by slot number (for the kernel)
 
     @property
     def n_rows(self) -> int:
@@ -87,8 +89,9 @@ def make_plan(rows: list[dict[int, float]], device: torch.device | None = None, 
         for j, (s, w) in enumerate(row.items()):
             wu[i, pos[s]], uidx[i, j], gw[i, j] = w, pos[s], w
     same = all(row == rows[0] for row in rows)
+    slot_idx = torch.tensor(slots, dtype=torch.long)[uidx]  # (B, K)
     return MixPlan(kind="same" if same else "rows", slots=slots, wu=wu.to(device), uidx=uidx.to(device),
-                   gw=gw.to(device), fold_after=fold_after, kernel=kernel)
+                   gw=gw.to(device), fold_after=fold_after, kernel=kernel, slot_idx=slot_idx)
 
 
 @dataclass(eq=False)
@@ -214,8 +217,7 @@ def slot_kernel(plan: MixPlan, lora_a: torch.Tensor, lora_b: torch.Tensor, ranks
         return None
     if all(ranks[s] == 0 for s in plan.slots):
         return None
-    if plan.slot_idx is None:
-        plan.slot_idx = torch.tensor(plan.slots, dtype=torch.long)[plan.uidx.cpu()]  # (B, K) slot numbers
+    assert plan.slot_idx is not None, "plans come from make_plan"
     return kernel.SlotBgmv(lora_a, lora_b, plan.slot_idx, plan.gw.cpu(), ranks)
 
 
