@@ -69,10 +69,12 @@ class NanoBasis:
         return f"{self.base_id}-r{self.rank}"
 
     def plan(self, paths: tuple[str, ...]) -> tuple[torch.Tensor, list[tuple[int, int, list[str], torch.Tensor,
-                                                                              torch.Tensor]]]:
+                                                                              list[torch.Tensor]]]]:
         """How to expand cores over ``paths`` in a few batched products (built once per paths tuple, kept):
-        a permutation of the cores grouping layers of one shape, and per group ``(lo, hi, names, U (g, n_out, r),
-        Vh (g, r, n_in))`` where rows ``lo:hi`` of the permuted cores belong to ``names``."""
+        a permutation of the cores grouping layers of one shape, and per group ``(lo, hi, names, U^T (g, r, n_out),
+        [Vh (r, n_in)] * g)`` where rows ``lo:hi`` of the permuted cores belong to ``names``. ``U`` is kept
+        transposed (``B^T = M^T U^T`` is a wide product, ~30% faster than ``U M`` at r = 8) and the ``Vh`` as
+        per-layer views made once (they are every adapter's ``A``)."""
         hit = self._plans.get(paths)
         if hit is not None:
             return hit
@@ -85,8 +87,8 @@ class NanoBasis:
         for rows in members.values():
             names = [paths[i] for i in rows]
             groups.append((len(perm), len(perm) + len(rows), names,
-                           torch.stack([self.layers[p][0] for p in names]),  # (g, n_out, r)
-                           torch.stack([self.layers[p][1] for p in names])))  # (g, r, n_in)
+                           torch.stack([self.layers[p][0].t() for p in names]),  # (g, r, n_out)
+                           [self.layers[p][1] for p in names]))  # g x (r, n_in)
             perm += rows
         if len(self._plans) >= 8:
             self._plans.pop(next(iter(self._plans)))
@@ -256,8 +258,8 @@ class NanoStack:
         perm, groups = basis.plan(self.paths)
         cores = self.stack.index_select(0, perm)  # (L, r, r), grouped by layer shape
         layers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        for lo, hi, names, u, vh in groups:  # u (g, n_out, r), vh (g, r, n_in)
-            b = torch.bmm(u, cores[lo:hi].to(u.dtype))  # (g, n_out, r)
-            layers.update(zip(names, zip(vh.unbind(0), b.unbind(0), strict=True), strict=True))
+        for lo, hi, names, ut, vhs in groups:  # ut (g, r, n_out), vhs g x (r, n_in)
+            bt = torch.bmm(cores[lo:hi].to(ut.dtype).transpose(1, 2), ut)  # (g, r, n_out) = (U M)^T
+            layers.update(zip(names, zip(vhs, bt.transpose(1, 2).unbind(0), strict=True), strict=True))  # B (n_out, r)
         return LoraWeights(rank=self.rank, alpha=float(self.rank), layers=layers, use_rslora=False,
                            extra_config=dict(self.extra_config))

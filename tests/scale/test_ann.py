@@ -54,6 +54,21 @@ def test_ivf_with_a_graph_over_its_centroids_persists_and_recalls(tmp_path):
     assert hits / (3 * len(qs)) >= 0.95
 
 
+def test_auto_nprobe_scans_about_ivf_scan_keys_and_follows_growth():
+    import faiss
+
+    vecs, keys = clustered(6000), ids(6000)
+    idx = AnnIndex(None, AnnConfig(kind="ivfsq", ivf_lists=40, ivf_scan=600))
+    idx.upsert(keys[:4000], vecs[:4000])
+    ivf = faiss.downcast_index(idx._index)
+    assert idx.nprobe == ivf.nprobe == 6  # 4,000 keys in 40 lists: 100 per list -> 600 / 100
+    idx.upsert(keys[4000:], vecs[4000:])
+    assert idx.nprobe == ivf.nprobe == 4  # 150 per list: ceil(600 / 150)
+    idx.cfg.ivf_probe = 9  # a fixed width wins over auto
+    idx._apply_search_params()
+    assert ivf.nprobe == 9
+
+
 def test_auto_goes_flat_then_hnsw_then_ivf():
     idx = AnnIndex(None, AnnConfig(exact_max=100, hnsw_max=1000))
     assert [idx._choose_kind(n) for n in (100, 101, 1000, 1001)] == ["flat", "hnsw", "hnsw", "ivfsq"]

@@ -153,6 +153,20 @@ class ScaleMixin:
             raise InvalidAdapter(f"adapter {rec.name!r} is a {rec.kind} adapter; expected a nano adapter")
         return read_nano_bytes(self._blob_bytes(rec.blob, rec.name), self.bases.get)
 
+    def _load_packed_id(self, adapter_id: Any, verify: bool = False) -> LoraWeights | None:
+        """A packed adapter's weights by its id in one query (record and pack entry joined: the cold-load path,
+        where every B-tree leaf read may be a disk read); None when ``adapter_id`` is no packed adapter's id."""
+        if not isinstance(adapter_id, str):
+            return None
+        with self._lock:
+            row = self._conn.execute(
+                "SELECT a.name, a.blob, p.pack, p.offset, p.length, p.crc FROM adapters a "
+                "JOIN pack_entries p ON p.sha = a.blob WHERE a.id = ?", (adapter_id,)).fetchone()
+            if row is None:
+                return None
+            data = self.packs.read_entry(row[1], int(row[2]), int(row[3]), int(row[4]), int(row[5]))
+        return self._decode(data, row[1], row[0], verify)
+
     def _load_any(self, rec: Any, verify: bool = False) -> LoraWeights | None:
         """The weights as LoRA for packed or nano adapters; None when it is a plain blob file (registry reads it)."""
         with self._lock:
@@ -160,8 +174,11 @@ class ScaleMixin:
         if packed is None and rec.kind != "nano":
             return None
         data = packed if packed is not None else self._blob_bytes(rec.blob, rec.name, verify)
-        if verify and hashlib.sha256(data).hexdigest() != rec.blob:
-            raise LibraryError(f"blob {rec.blob} of adapter {rec.name!r} is corrupt (sha256 mismatch)")
+        return self._decode(data, rec.blob, rec.name, verify)
+
+    def _decode(self, data: bytes, sha: str, name: str, verify: bool) -> LoraWeights:
+        if verify and hashlib.sha256(data).hexdigest() != sha:
+            raise LibraryError(f"blob {sha} of adapter {name!r} is corrupt (sha256 mismatch)")
         if is_nano_blob(data):
             nano = read_nano_stack(data, self.bases.get)
             return nano.to_lora(self.bases.get(nano.basis_id))

@@ -338,6 +338,9 @@ class Library(ScaleMixin):
 
     def load(self, name_or_id: Ref, verify: bool = False) -> LoraWeights:
         """The adapter's weights, read from its blob with safetensors; ``verify`` re-checks the sha256."""
+        fast = self._load_packed_id(name_or_id, verify)  # by id, packed: one query (store/bulk.py)
+        if fast is not None:
+            return fast
         rec = self.get(name_or_id)
         packed = self._load_any(rec, verify)  # packed or nano adapters (store/bulk.py)
         if packed is not None:
