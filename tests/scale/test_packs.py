@@ -49,6 +49,17 @@ def test_add_many_packs_and_loads(lib):
     assert lib.keys()[1].shape == (300, 16)
 
 
+def test_load_by_id_takes_one_query_and_equals_load_by_name(lib):
+    basis = lib.nano_basis(synthetic_basis().id)
+    ids = lib.add_many(_items(basis, 20))
+    by_id, by_name = lib.load(ids[7]), lib.load("a7")  # by id: record and pack entry joined in one query
+    assert lib._load_packed_id(ids[7]) is not None and lib._load_packed_id("a7") is None
+    assert by_id.layers.keys() == by_name.layers.keys()
+    for p, (a, b) in by_id.layers.items():
+        assert torch.equal(a, by_name.layers[p][0]) and torch.equal(b, by_name.layers[p][1])
+        assert torch.allclose(b @ a, nano(basis, 7).delta(p, basis), atol=1e-5)
+
+
 def test_add_many_is_all_or_nothing_per_batch(lib):
     basis = lib.nano_basis(synthetic_basis().id)
     lib.add_many(_items(basis, 5))
