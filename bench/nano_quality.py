@@ -2,7 +2,7 @@
 """Nano vs LoRA experts on the quality benchmark's domains: share of LoRA's loss reduction kept, and size.
 
     python bench/nano_quality.py --out DIR [--domains a,b,...] [--steps N] [--train-per-domain N]
-                                 [--test-per-domain N] [--nano-lrs 5e-3,2e-2] [--json]
+                                 [--test-per-domain N] [--nano-lrs 0.3,1.0] [--nano-rank R] [--json]
 
 For each domain, one LoRA expert and one nano expert are trained on the same texts with the same steps,
 batch size and sequence length (``build_benchmark`` split, as bench/quality.py). The nano learning rate
@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-lr", type=float, default=1e-3)
     p.add_argument("--nano-lrs", default="1e-1,3e-1")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--nano-rank", type=int, default=None, help="nano core size r (r x r per layer; default --rank)")
     p.add_argument("--base", default=None)
     p.add_argument("--nano-suffix", default="", help="name nano experts <domain>-nano<suffix> (a second lr sweep "
                    "beside cached ones)")
@@ -58,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     base_path = str(resolve_base_path(args.base))
     args.out.mkdir(parents=True, exist_ok=True)
     lib = Library(args.out / "library")
-    common = dict(rank=args.rank, steps=args.steps, seq_len=args.seq_len)
+    common = dict(steps=args.steps, seq_len=args.seq_len)
+    nano_rank = args.nano_rank or args.rank
     per: dict[str, dict] = {}
     base = load_base(args.base)
     mm = MixedModel(base, lib.load, MixConfig(capacity=4))
@@ -73,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             best = None
             for lr in lrs:
-                cfg = TrainConfig(kind=kind, alpha=2.0 * args.rank, lr=lr, nano_lr=lr, **common)
+                rank = args.rank if kind == "lora" else nano_rank
+                cfg = TrainConfig(kind=kind, rank=rank, alpha=2.0 * rank, lr=lr, nano_lr=lr, **common)
                 if kind == "lora":
                     w, rep = train_expert(base_path, texts, cfg, progress=False)
                 else:
@@ -112,7 +115,7 @@ def summarize(args: argparse.Namespace, argv: list[str] | None, domains: list[st
     size = nano_rec.n_params / lora_rec.n_params
     kept = nano_red / lora_red if lora_red > 0 else None
     out = {"bench": "nano_quality", "complete": final, "domains_done": [d for d, _ in rows], "domains": domains, "steps": args.steps, "train_per_domain": args.train_per_domain,
-           "test_per_domain": args.test_per_domain, "rank": args.rank, "lora_params": lora_rec.n_params,
+           "test_per_domain": args.test_per_domain, "rank": args.rank, "nano_rank": args.nano_rank or args.rank, "lora_params": lora_rec.n_params,
            "nano_params": nano_rec.n_params, "size_ratio": round(size, 5),
            "lora_reduction": round(lora_red, 4), "nano_reduction": round(nano_red, 4),
            "kept": None if kept is None else round(kept, 4),
