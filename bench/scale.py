@@ -23,7 +23,9 @@ What it measures (the last line is one JSON object):
   including the nano -> LoRA expansion ``B = U M``); ``cold_load_nano_cores_p50_ms``: the cores alone;
   ``hot_load_p50_ms``: the same adapter from the in-memory tier (``AdapterCache``);
 - ``slot_hit_rate``: Zipf(alpha=1) traffic, 3 adapters per request, through the mixer's 100 slots;
-- ``rss_mib``: the process's resident memory with N registered, the index loaded and 100 adapters in slots;
+- ``rss_mib``: the resident memory of a fresh serving process with N registered, the index loaded, 100 adapters
+  in slots, 202 searches and one mixed 16 x 128 forward done, at rest: after it hands the forward's freed heap
+  back as the server's scheduler does when its batch drains (``rss_after_forward_mib``: before that);
 - ``mix3_vs_base``: tokens/s of one forward pass of batch 16 x 128 where each row mixes its own 3 nano
   adapters (48 distinct, drawn at random from the N), over the base model alone, timed round-robin in the
   same loop; checked: rows with an empty mixture give exactly the base model's logits.
@@ -148,6 +150,7 @@ def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2)
     from loramix.mix import MixedModel
     from loramix.route.ann import AnnConfig, AnnIndex
     from loramix.route.encoder import get_encoder
+    from loramix.serve.memory import release_free_memory
     from loramix.store import Library
     from loramix.store.tiers import AdapterCache
 
@@ -183,15 +186,12 @@ def probe_rss(home: Path, index_kind: str, base_name: str | None, seed: int = 2)
     gc.collect()
     out["loaded_adapters"] = len(mm.loaded)
     out["tier_bytes"] = tier.bytes
+    out["rss_after_forward_mib"] = round(rss_mib(), 1)  # with the activations' freed heap glibc still keeps
+    out["rss_parts_after_forward_mib"] = rss_parts()
+    # at rest: what the server's scheduler does each time its batch drains (loramix.serve.memory)
+    out["freed_heap_released"] = release_free_memory()
     out["rss_mib"] = round(rss_mib(), 1)
     out["rss_parts_mib"] = rss_parts()
-    try:  # what of it is freed memory the C allocator keeps (activations of the forward pass)
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        out["after_malloc_trim_mib"] = round(rss_mib(), 1)
-    except (OSError, AttributeError):
-        pass
     return out
 
 
@@ -472,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     probe = json.loads(done.stdout.strip().splitlines()[-1])
     res["rss_mib"] = probe["rss_mib"]
     res["rss_probe"] = probe
-    log(f"rss (fresh serving process) {probe['rss_mib']} MiB; bench process {res['rss_bench_process_mib']} MiB")
+    res["rss_after_forward_mib"] = probe["rss_after_forward_mib"]
+    log(f"rss (fresh serving process, at rest) {probe['rss_mib']} MiB (right after the forward "
+        f"{probe['rss_after_forward_mib']} MiB); bench process {res['rss_bench_process_mib']} MiB")
 
     # 10. the record of the index choice: HNSW+SQ8 vs IVF+SQ8 on the same keys
     if args.compare_index if args.compare_index is not None else n <= 200_000:

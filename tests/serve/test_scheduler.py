@@ -584,3 +584,27 @@ def test_many_threads_submitting_at_once(base: BaseModel, adapters: dict[str, Lo
     assert not errors, errors
     assert [got[i] for i in range(16)] == want
     assert max(sched.stats().batch_sizes) > 1
+
+
+def test_freed_memory_is_released_once_each_time_the_batch_drains(base: BaseModel, adapters: dict[str, LoraWeights],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import loramix.serve.scheduler as sched_mod
+    from loramix.serve.memory import release_free_memory
+
+    assert release_free_memory() is True  # glibc (Linux CI): malloc_trim is there
+    calls: list[float] = []
+    monkeypatch.setattr(sched_mod, "release_free_memory", lambda: calls.append(time.monotonic()) or True)
+    sched = Scheduler(mixer(base, adapters))
+    sched.start()
+    assert not calls  # idle from the start: nothing ran, nothing to release
+    for rnd in range(2):
+        rec = Recorder()
+        for i in range(3):  # three rows in one drained batch: one release, not one per row or per step
+            sched.submit(greedy(base, i, MIXES[i], n_prompt=4, n_new=5), rec(i))
+        rec.wait()
+        deadline = time.monotonic() + 5
+        while len(calls) < rnd + 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        assert len(calls) == rnd + 1
+    sched.stop()

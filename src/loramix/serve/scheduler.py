@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicLayer
 from loramix.base import maybe_autocast
 from loramix.errors import ConfigError, MixError, Overloaded
 from loramix.mix import MixBatch, MixedModel
+from loramix.serve.memory import release_free_memory
 
 __all__ = ["FinishEvent", "GenRequest", "RequestHandle", "SamplingParams", "Scheduler", "SchedulerConfig",
            "SchedulerStats", "TokenEvent"]
@@ -360,12 +361,19 @@ class Scheduler:
 
     # --- the loop ------------------------------------------------------------------------------------
     def _loop(self) -> None:
+        busy = False  # ran a step since the batch last drained
         while True:
+            with self._cond:
+                idle = not self._stopping and not self._queue and not self._batch.rows
+            if idle and busy:  # drained: hand the activations' freed heap back to the OS (serve/memory.py)
+                release_free_memory()
+                busy = False
             with self._cond:
                 while not self._stopping and not self._queue and not self._batch.rows:
                     self._cond.wait()
                 if self._stopping:
                     break
+            busy = True
             events: list[tuple[_Req, Event]] = []
             try:
                 progressed = self._step(events)
