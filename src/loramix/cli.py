@@ -16,6 +16,7 @@ from rich.table import Table
 
 from loramix.cli_docs import docs_app
 from loramix.config import (
+    NANO_RANK,
     DocsConfig,
     GenerateConfig,
     MixConfig,
@@ -392,7 +393,7 @@ def train_adapter(name: Annotated[str, typer.Option("--name")],
                   tags: Annotated[str, typer.Option("--tags")] = "",
                   steps: Annotated[int, typer.Option("--steps")] = _T.steps,
                   kind: Annotated[str, typer.Option("--kind", help="lora, or nano: r x r cores over the base's SVD basis (~1% of LoRA's size).")] = _T.kind,
-                  rank: Annotated[int, typer.Option("--rank")] = _T.rank,
+                  rank: Annotated[int | None, typer.Option("--rank", help=f"LoRA rank (default {_T.rank}); nano: core size r (default {NANO_RANK}).")] = None,
                   lr: Annotated[float, typer.Option("--lr", help="Learning rate (LoRA).")] = _T.lr,
                   nano_lr: Annotated[float, typer.Option("--nano-lr", help="Learning rate of nano cores (--kind nano).")] = _T.nano_lr,
                   batch_size: Annotated[int, typer.Option("--batch-size")] = _T.batch_size,
@@ -407,6 +408,7 @@ def train_adapter(name: Annotated[str, typer.Option("--name")],
     from loramix.train.corpora import load_source
 
     texts = load_source(data, limit=max_examples)
+    rank = rank or (NANO_RANK if kind == "nano" else _T.rank)
     cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, nano_lr=nano_lr, batch_size=batch_size, seq_len=seq_len,
                       max_examples=max_examples)
     rec, report = _engine(home, base).train_adapter(name, texts, cfg, description=description or f"expert trained on {data}",
@@ -427,7 +429,7 @@ def train_experts(data: Annotated[str, typer.Option("--data", help="Unlabelled t
                   prefix: Annotated[str, typer.Option("--prefix", help="Adapters are named PREFIX-0 .. PREFIX-(N-1).")] = "cluster",
                   steps: Annotated[int, typer.Option("--steps")] = _T.steps,
                   kind: Annotated[str, typer.Option("--kind", help="lora, or nano: r x r cores over the base's SVD basis (~1% of LoRA's size).")] = _T.kind,
-                  rank: Annotated[int, typer.Option("--rank")] = _T.rank,
+                  rank: Annotated[int | None, typer.Option("--rank", help=f"LoRA rank (default {_T.rank}); nano: core size r (default {NANO_RANK}).")] = None,
                   lr: Annotated[float, typer.Option("--lr", help="Learning rate (LoRA).")] = _T.lr,
                   nano_lr: Annotated[float, typer.Option("--nano-lr", help="Learning rate of nano cores (--kind nano).")] = _T.nano_lr,
                   batch_size: Annotated[int, typer.Option("--batch-size")] = _T.batch_size,
@@ -444,6 +446,7 @@ def train_experts(data: Annotated[str, typer.Option("--data", help="Unlabelled t
     from loramix.train.experts import train_experts as run
 
     texts, labels = load_texts(data, limit=max_examples, seed=seed)
+    rank = rank or (NANO_RANK if kind == "nano" else _T.rank)
     cfg = TrainConfig(kind=kind, steps=steps, rank=rank, alpha=2.0 * rank, lr=lr, nano_lr=nano_lr, batch_size=batch_size, seq_len=seq_len,
                       max_examples=max_examples, seed=seed)
     res = run(_engine(home, base), texts, n, cfg, prefix=prefix, seed=seed, true_labels=labels, source=data,

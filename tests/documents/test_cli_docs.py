@@ -61,3 +61,14 @@ def test_docs_lifecycle_ask_score_train(env: Path, tmp_path: Path) -> None:
     assert res.exit_code != 0 and "no document collection named 'facts'" in str(res.exception)
     res = CliRunner().invoke(app, ["docs", "add", str(tmp_path / "nope.txt"), "--collection", "x"])
     assert res.exit_code != 0 and "no such file" in str(res.exception)
+
+
+def test_train_nano_defaults_to_the_measured_core_size(env: Path) -> None:
+    from loramix.config import NANO_RANK, TrainConfig
+
+    common = ("--data", str(env), "--kind", "nano", "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--json")
+    nano = json.loads(run("train", "adapter", "--name", "n-default", *common))["adapter"]
+    assert nano["kind"] == "nano" and nano["rank"] == NANO_RANK == 10
+    assert json.loads(run("train", "adapter", "--name", "n4", "--rank", "4", *common))["adapter"]["rank"] == 4
+    lora = json.loads(run("train", "adapter", "--name", "l-default", *common[:2], *common[4:]))["adapter"]
+    assert lora["kind"] == "lora" and lora["rank"] == TrainConfig().rank == 8
