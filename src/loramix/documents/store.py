@@ -32,7 +32,7 @@ import numpy as np
 
 from loramix.config import home_dir
 from loramix.errors import CollectionNotFound, DocumentError, LoramixError
-from loramix.store.sqlite import open_db, schema_version
+from loramix.store.sqlite import ensure_schema, open_db
 from loramix.store.tenancy import check_tenant, visible_to
 
 __all__ = ["Chunk", "CollectionRecord", "DocStore", "chunk_text"]
@@ -146,16 +146,10 @@ class DocStore:
         self._lock = threading.RLock()
         self._conn = open_db(self.db_path, busy_timeout, DocumentError, "document store")
         try:
-            version = schema_version(self._conn, self.db_path, SCHEMA_VERSION, DocumentError)
+            ensure_schema(self._conn, self.db_path, SCHEMA_VERSION, SCHEMA, _migrate, self._write, DocumentError)
         except BaseException:
             self._conn.close()
             raise
-        if version < SCHEMA_VERSION:
-            with self._write() as c:
-                for stmt in SCHEMA:
-                    c.execute(stmt)
-                _migrate(c)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:

@@ -47,7 +47,7 @@ from loramix.store.records import (
     dump_json,
     stack_keys,
 )
-from loramix.store.sqlite import open_db, schema_version
+from loramix.store.sqlite import ensure_schema, open_db
 from loramix.store.tenancy import VISIBLE, check_public, check_tenant, migrate, read_audit, write_audit
 
 SCHEMA_VERSION = 2  # 2: adapters.owner / adapters.public and the audit table (store/tenancy.py)
@@ -102,12 +102,7 @@ class Library(ScaleMixin):
         self._init_scale()  # adapters.kind, pack entries, generation counter (store/bulk.py)
 
     def _init_schema(self) -> None:
-        if schema_version(self._conn, self.db_path, SCHEMA_VERSION, LibraryError) < SCHEMA_VERSION:
-            with self._write() as c:
-                for stmt in SCHEMA:
-                    c.execute(stmt)
-                migrate(c)
-                c.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        ensure_schema(self._conn, self.db_path, SCHEMA_VERSION, SCHEMA, migrate, self._write, LibraryError)
 
     # --- plumbing ------------------------------------------------------------------------------
     def close(self) -> None:

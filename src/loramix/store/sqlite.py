@@ -9,11 +9,13 @@ keys on, a busy timeout, and a refusal to open a file written by a newer loramix
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from loramix.errors import LoramixError
 
-__all__ = ["open_db", "schema_version"]
+__all__ = ["ensure_schema", "open_db", "schema_version"]
 
 
 def open_db(path: Path, busy_timeout: float, error: type[LoramixError], what: str) -> sqlite3.Connection:
@@ -37,3 +39,18 @@ def schema_version(conn: sqlite3.Connection, path: Path, supported: int, error: 
     if version > supported:
         raise error(f"{path} has schema version {version}; this loramix reads up to {supported}: upgrade loramix")
     return version
+
+
+def ensure_schema(conn: sqlite3.Connection, path: Path, version: int, statements: Iterable[str],
+                  migrate: Callable[[sqlite3.Connection], None],
+                  write: Callable[[], AbstractContextManager[sqlite3.Connection]], error: type[LoramixError]) -> None:
+    """Bring an older file (or a new, empty one) to ``version``: the ``CREATE ... IF NOT EXISTS`` statements,
+    then ``migrate``, then the version stamp, all in one write transaction from ``write()``, so that a crash
+    leaves the old schema or the new one. A newer file raises ``error`` (see :func:`schema_version`)."""
+    if schema_version(conn, path, version, error) >= version:
+        return
+    with write() as c:
+        for stmt in statements:
+            c.execute(stmt)
+        migrate(c)
+        c.execute(f"PRAGMA user_version = {version}")
