@@ -66,8 +66,10 @@ from quality_lib import DESCRIPTIONS, NOTES, PRESETS, QUICK_DOMAINS, SETTING_NOT
 
 ROUTE_CHUNK = 32
 QUESTIONS = Path(__file__).resolve().parent / "questions.jsonl"
-ENGINE_ROUTERS = {"untrained": "semantic", "label_free": "trained", "supervised": "supervised", "arrow": "arrow"}
-DESC_ROUTERS = ("untrained", "label_free")
+ENGINE_ROUTERS = {"untrained": "semantic", "label_free": "trained", "likelihood": "semantic",
+                  "label_free_likelihood": "trained", "supervised": "supervised", "arrow": "arrow"}
+RERANK_OF = {"likelihood": "likelihood", "label_free_likelihood": "likelihood"}  # the others: rerank "none"
+DESC_ROUTERS = ("untrained", "label_free", "likelihood", "label_free_likelihood")
 SKIPPABLE = ("clusters", "merged", "refine")
 console = Console(highlight=False)
 
@@ -292,16 +294,23 @@ class Bench:
             rec["descriptions"] = {d: DESCRIPTIONS[d] for d in self.domains}
 
     # --- 3. routers ---------------------------------------------------------------------------
-    def _route(self, eng: Any, name_of: dict[str, str], strategy: str, label: str) -> RouterRun:
+    @staticmethod
+    def route_cfg(router: str) -> Any:
+        """The RouteConfig of an engine router of the report (top-3)."""
         from loramix.config import RouteConfig
 
+        return RouteConfig(k=3, strategy=ENGINE_ROUTERS[router], rerank=RERANK_OF.get(router, "none"))
+
+    def _route(self, eng: Any, name_of: dict[str, str], router: str, label: str) -> RouterRun:
         run = RouterRun()
         t0 = time.perf_counter()
+        cfg = self.route_cfg(router)
+        strategy = f"{cfg.strategy}, rerank {cfg.rerank}"
         for split in ("val", "test", "questions"):
             qs = self.sets[split]["queries"]
             routes: list[Any] = []
             for chunk in _chunks(qs, ROUTE_CHUNK):
-                routes += eng.router.route_batch(list(chunk), RouteConfig(k=3, strategy=strategy))
+                routes += eng.router.route_batch(list(chunk), cfg)
             run.ranked[split] = [[name_of.get(a.id, a.name) for a in r.adapters] for r in routes]
             run.mix3[split] = [[(name_of.get(a.id, a.name), a.weight) for a in r.adapters] for r in routes]
         run.seconds = time.perf_counter() - t0
@@ -355,10 +364,10 @@ class Bench:
 
     def route_untrained(self) -> None:
         with self.stage("route:untrained", optional=True) as rec:
-            self._judge("a", "untrained", self._route(self.engine, self.name_of, "semantic", "untrained"), rec,
+            self._judge("a", "untrained", self._route(self.engine, self.name_of, "untrained", "untrained"), rec,
                         strategy="semantic")
         with self.stage("route_b:untrained", optional=True) as rec:
-            self._judge("b", "untrained", self._route(self.desc, self.desc_name_of, "semantic", "untrained"), rec,
+            self._judge("b", "untrained", self._route(self.desc, self.desc_name_of, "untrained", "untrained"), rec,
                         strategy="semantic")
 
     def route_supervised(self) -> None:
@@ -424,13 +433,29 @@ class Bench:
                 info = {k: v for k, v in rep.to_dict().items() if k != "path"}
                 rec["train"] = info
                 rec["pairs"] = len(queries)
-                default = {"trained": "label_free"}.get(default_strategy(eng.library), "untrained")
+                # what `loramix route` uses: the default strategy, re-ranked by the language model (rerank "auto")
+                default = {"trained": "label_free_likelihood"}.get(default_strategy(eng.library), "likelihood")
                 key = "default_router" if cond == "a" else "default_router_desc_only"
                 self.report[key] = default
-                self._judge(cond, "label_free", self._route(eng, name_of, "trained", "label_free"), rec,
+                self._judge(cond, "label_free", self._route(eng, name_of, "label_free", "label_free"), rec,
                             strategy="trained", train=info, pairs=len(queries))
                 console.print(f"({cond}) verdict: beats keys on held-out pairs = {rep.validation.get('beats_keys')} "
                               f"(mix {rep.validation.get('mix')}); default router: {default}")
+
+    def route_likelihood(self) -> None:
+        """The keys' top-8 re-ranked by each adapter's likelihood of the query (no labels, no training); in
+        condition b also over the trained head's ranking, when the head exists."""
+        from loramix.route.trained import load_head
+
+        for cond, eng, name_of in (("a", self.engine, self.name_of), ("b", self.desc, self.desc_name_of)):
+            routers = ["likelihood"]
+            if cond == "b" and load_head(eng.library) is not None:
+                routers.append("label_free_likelihood")
+            for r in routers:
+                with self.stage(f"route{'' if cond == 'a' else '_b'}:{r}", optional=True) as rec:
+                    cfg = self.route_cfg(r)
+                    self._judge(cond, r, self._route(eng, name_of, r, r), rec, strategy=cfg.strategy,
+                                rerank=cfg.rerank, rerank_k=cfg.rerank_k, rerank_prior=cfg.rerank_prior)
 
     def route_arrow(self) -> None:
         with self.stage("route:arrow", optional=True) as rec:
@@ -522,7 +547,7 @@ class Bench:
 
     # --- 6. refine ----------------------------------------------------------------------------
     def refine(self) -> None:
-        from loramix.config import RefineConfig, RouteConfig
+        from loramix.config import RefineConfig
         from loramix.evaluate.score import score_texts
         from loramix.refine import apply_thresholds, calibrate, refine_eval, summarize
         from loramix.train.router import split_texts
@@ -534,7 +559,7 @@ class Bench:
             best = self.report.get("best_router")
             if best not in ENGINE_ROUTERS:
                 raise Skip("no engine router ran")
-            rcfg = RouteConfig(k=3, strategy=ENGINE_ROUTERS[best])
+            rcfg = self.route_cfg(best)
             force = RefineConfig(enabled=True, action="auto")
 
             def prompts_of(docs: list[Any]) -> tuple[list[str], list[str], list[str]]:
@@ -676,7 +701,7 @@ class Bench:
             self.desc_library()
             skip = set(filter(None, self.args.skip.split(",")))
             for step in (self.route_tfidf, self.route_untrained, self.route_supervised, self.route_label_free,
-                         self.route_arrow, self.clusters, self.losses, self.merged, self.refine):
+                         self.route_likelihood, self.route_arrow, self.clusters, self.losses, self.merged, self.refine):
                 if step.__name__ in skip:
                     self.timing[step.__name__] = {"status": "skipped: --skip", "wall_s": 0.0, "cpu_s": 0.0}
                     if step.__name__ in ("clusters", "refine"):

@@ -43,6 +43,9 @@ if TYPE_CHECKING:  # keeps start-up light
     from loramix.route import Route, Router
     from loramix.store.tiers import AdapterCache
 
+RERANK_CHARS = 1024  # the likelihood re-ranking scores at most the query's first characters ...
+RERANK_TOKENS = 256  # ... and tokens (longer text is cut into windows of this many)
+
 
 @dataclass
 class Answer:
@@ -134,6 +137,7 @@ class Loramix:
             from loramix.route.arrow import attach_base
 
             attach_base(self._router, lambda: self.base, self._lock)  # arrow routes on the base's hidden states
+            self._router.likelihood = self.query_nll  # rerank="likelihood" scores with the mixer
         return self._router
 
     @property
@@ -328,6 +332,25 @@ class Loramix:
         return r.mixture, r.to_dict()["adapters"], r.latency_ms
 
     # --- scoring ------------------------------------------------------------------------------
+    def query_nll(self, queries: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
+        """Per query, the summed NLL of the query (its first ``RERANK_CHARS`` characters) under each
+        candidate adapter alone: one batched pass of the mixer (the router's likelihood re-ranking)."""
+        from loramix.evaluate.routing import truncate_query
+        from loramix.evaluate.score import score_texts
+
+        texts, mixes = [], []
+        for q, cands in zip(queries, candidates, strict=True):
+            q = truncate_query(q, RERANK_CHARS)
+            texts += [q] * len(cands)
+            mixes += [[(a, 1.0)] for a in cands]
+        with self._lock:
+            scores = score_texts(self.mixer, texts, mixes, max_len=RERANK_TOKENS)
+        out, i = [], 0
+        for cands in candidates:
+            out.append(np.array([s.nll for s in scores[i:i + len(cands)]], dtype=np.float64))  # (K,)
+            i += len(cands)
+        return out
+
     def score(self, text: str, adapters: Sequence[tuple[str, float]] | None = None,
               route: RouteConfig | None = None, cfg: ScoreConfig | None = None, docs: DocsConfig | None = None,
               prompt: str | None = None) -> dict[str, Any]:

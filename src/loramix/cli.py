@@ -51,6 +51,7 @@ Docs = Annotated[str | None, typer.Option("--docs", help="Document collections f
 Passages = Annotated[int, typer.Option("--passages", help="Retrieved passages placed in the prompt.")]
 Rerank = Annotated[bool, typer.Option("--rerank/--no-rerank", help="Re-order passages by the LM's loss of the query given each (slower).")]
 Budget = Annotated[int, typer.Option("--budget", help="Most tokens of passages in the prompt.")]
+LmRerank = Annotated[str, typer.Option("--lm-rerank", help="auto | likelihood | none: re-order the strategy's top candidates by each adapter's likelihood of the query (auto: on; loads the base model).")]
 
 _R, _G, _T, _M = RouteConfig(), GenerateConfig(), TrainConfig(), MixConfig()
 _RF, _S = RefineConfig(), ScoreConfig()
@@ -72,13 +73,14 @@ def _csv(s: str) -> list[str]:
     return [t.strip() for t in s.split(",") if t.strip()]
 
 
-def _route_cfg(k: int, strategy: str | None, temperature: float, tags: str, home: Path | None = None) -> RouteConfig:
+def _route_cfg(k: int, strategy: str | None, temperature: float, tags: str, home: Path | None = None,
+               rerank: str = "auto") -> RouteConfig:
     if strategy is None:  # the trained router when the library has one
         from loramix.route.trained import default_strategy
         from loramix.store import Library
 
         strategy = default_strategy(Library(home))
-    return RouteConfig(k=k, strategy=strategy, temperature=temperature, tags=_csv(tags))
+    return RouteConfig(k=k, strategy=strategy, temperature=temperature, tags=_csv(tags), rerank=rerank)
 
 
 def _finite(obj: Any) -> Any:
@@ -286,14 +288,15 @@ def adapters_merge(names: list[str], name: Annotated[str, typer.Option("--name",
 @app.command("route")
 def route(query: Annotated[str | None, typer.Argument(help="The query (or give --file).")] = None,
           file: InputFile = None, k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature,
-          tags: Tags = "", home: Home = None, as_json: Json = False) -> None:
+          tags: Tags = "", lm_rerank: LmRerank = _R.rerank, home: Home = None, base: Base = None,
+          as_json: Json = False) -> None:
     """Pick the top-k adapters for a query and their mixture weights."""
     query = _one_of(query, file, "the query", "QUERY or --file")
-    r = _engine(home).route(query, _route_cfg(k, strategy, temperature, tags, home))
+    r = _engine(home, base).route(query, _route_cfg(k, strategy, temperature, tags, home, lm_rerank))
     d = r.to_dict()
     if as_json:
         _print_json({"adapters": [{"name": a["name"], "score": a["score"], "weight": a["weight"]} for a in d["adapters"]],
-                     "latency_ms": d["latency_ms"], "strategy": d["strategy"]})
+                     "latency_ms": d["latency_ms"], "strategy": d["strategy"], "rerank": d["rerank"]})
         return
     table = Table("adapter", "score", "weight")
     for a in d["adapters"]:
@@ -308,7 +311,7 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
           adapters: Annotated[str | None, typer.Option("--adapters", help="Forced mixture 'name:w,name:w'.")] = None,
           do_route: Annotated[bool, typer.Option("--route", help="Route the text to pick the mixture.")] = False,
           k: K = _R.k, strategy: Strategy = None, temperature: Temp = _R.temperature, tags: Tags = "",
-          docs: Docs = None, passages: Passages = _D.passages, rerank: Rerank = False,
+          lm_rerank: LmRerank = _R.rerank, docs: Docs = None, passages: Passages = _D.passages, rerank: Rerank = False,
           prompt: Annotated[str | None, typer.Option("--prompt", help="With --docs: the query; the text is scored as its continuation.")] = None,
           home: Home = None, base: Base = None, as_json: Json = False) -> None:
     """Mean token negative log-likelihood of a text (float32) under a mixture, a route, or the base model.
@@ -318,7 +321,7 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
 
     body = _one_of(text, file, "the text to score", "--text or --file")
     mix = parse_mixture(adapters) if adapters else None
-    rcfg = _route_cfg(k, strategy, temperature, tags, home) if do_route and not mix else None
+    rcfg = _route_cfg(k, strategy, temperature, tags, home, lm_rerank) if do_route and not mix else None
     res = _engine(home, base).score(body, adapters=mix, route=rcfg, docs=_docs_cfg(docs, passages, rerank),
                                     prompt=prompt)
     if as_json:
@@ -332,7 +335,7 @@ def score(text: Annotated[str | None, typer.Option("--text")] = None,
 @app.command("ask")
 def ask(prompt: str, adapters: Annotated[str | None, typer.Option("--adapters", help="Forced mixture 'name:w,name:w'.")] = None,
         k: K = _R.k, strategy: Strategy = None, route_temperature: Temp = _R.temperature, tags: Tags = "",
-        no_route: Annotated[bool, typer.Option("--no-route", help="Answer with the base model alone.")] = False,
+        lm_rerank: LmRerank = _R.rerank, no_route: Annotated[bool, typer.Option("--no-route", help="Answer with the base model alone.")] = False,
         max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = _G.max_new_tokens,
         temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = _G.temperature,
         refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Re-route when the routed mixture looks poor.")] = _RF.enabled,
@@ -348,7 +351,7 @@ def ask(prompt: str, adapters: Annotated[str | None, typer.Option("--adapters", 
 
     eng = _engine(home, base, bf16)
     mix = parse_mixture(adapters) if adapters else None
-    rcfg = None if (mix or no_route) else _route_cfg(k, strategy, route_temperature, tags, home)
+    rcfg = None if (mix or no_route) else _route_cfg(k, strategy, route_temperature, tags, home, lm_rerank)
     if not as_json and rcfg is not None:
         _show_route(eng.route(prompt, rcfg).to_dict()["adapters"])
     elif not as_json and mix:

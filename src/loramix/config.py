@@ -38,6 +38,10 @@ def cache_dir() -> Path:
 
 
 STRATEGIES = ("semantic", "tags", "hybrid", "trained", "arrow", "supervised")
+# "likelihood": re-rank a strategy's first candidates by each adapter's likelihood of the query (loramix.route.likelihood);
+# "auto": do so where the router has a language model to score with (a Loramix engine) and the strategy scores by
+# cosine (semantic, trained), else "none"
+RERANKS = ("auto", "likelihood", "none")
 
 
 # nano adapters' default core size (r x r per layer): bench/nano_quality.py on 6 domains kept 74.8% of LoRA's loss
@@ -55,10 +59,21 @@ class RouteConfig:
     tags: list[str] = field(default_factory=list)  # only adapters carrying all these tags
     hybrid_alpha: float = 0.7  # hybrid score = alpha * dense + (1 - alpha) * lexical
     min_score: float | None = None  # drop candidates scoring below this
+    # re-rank the strategy's first max(k, rerank_k) candidates by log posterior = rerank_prior * score - NLL of the
+    # query under the candidate alone; bench/quality.py (18 domains) picked prior 50 and k 8 on its validation split
+    rerank: str = "auto"  # one of RERANKS
+    rerank_k: int = 8  # candidates the language model scores per query
+    rerank_prior: float = 50.0  # nats per unit of strategy score (cosine): how much the keys count against the LM
 
     def __post_init__(self) -> None:
         if self.k < 1:
             raise ConfigError(f"k must be at least 1, got {self.k}")
+        if self.rerank not in RERANKS:
+            raise ConfigError(f"unknown rerank {self.rerank!r}; expected one of {', '.join(RERANKS)}")
+        if self.rerank_k < 1:
+            raise ConfigError(f"rerank_k must be at least 1, got {self.rerank_k}")
+        if not self.rerank_prior > 0:
+            raise ConfigError(f"rerank_prior must be > 0, got {self.rerank_prior}")
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"unknown routing strategy {self.strategy!r}; expected one of {', '.join(STRATEGIES)}")
         if not self.temperature > 0:

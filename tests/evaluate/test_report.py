@@ -15,6 +15,7 @@ from loramix.evaluate.report import (
     evaluate_targets,
     jsonable,
     loss_table,
+    pick_label_free,
     plot_confusion,
     plot_loss_bars,
     refine_verdict,
@@ -35,7 +36,7 @@ def _loss(**means: float) -> dict:
 
 
 def _routing(**top1: float | None) -> dict:
-    vals = {"tfidf": 0.8, "untrained": 0.85, "label_free": 0.92, "supervised": 0.93, "arrow": 0.6}
+    vals = {"tfidf": 0.8, "untrained": 0.85, "label_free": 0.92, "likelihood": 0.88, "supervised": 0.93, "arrow": 0.6}
     vals.update(top1)
     return {r: ({"top1": v, "top3": min(1.0, v + 0.05)} if v is not None else skipped("not landed", ("top1", "top3")))
             for r, v in vals.items()}
@@ -62,7 +63,7 @@ def test_best_router_ignores_tfidf_and_skipped_and_breaks_ties_on_top3():
     assert best_router(r) == "supervised"
     r["label_free"] = {"top1": 0.93, "top3": 1.0}
     assert best_router(r) == "label_free"  # same top-1, better top-3
-    assert best_router(_routing(untrained=None, label_free=None, supervised=None, arrow=None)) is None
+    assert best_router(_routing(untrained=None, label_free=None, likelihood=None, supervised=None, arrow=None)) is None
 
 
 # --- targets --------------------------------------------------------------------------------------
@@ -103,6 +104,19 @@ def test_label_free_target(lf, un, sup, ok):
     t = evaluate_targets(_loss(), _routing(label_free=lf, untrained=un, supervised=sup))["label_free"]
     assert t["pass"] is ok
     assert t["value"] == lf
+
+
+def test_label_free_targets_judge_the_router_picked_on_validation():
+    r = _routing(label_free=0.80, likelihood=0.91, untrained=0.85)
+    r["label_free"]["val"] = {"top1": 0.9, "loss": {"top3": 3.70}}
+    r["likelihood"]["val"] = {"top1": 0.8, "loss": {"top3": 3.60}}  # lower val loss wins, whatever its test top-1
+    assert pick_label_free(r) == "likelihood"
+    assert evaluate_targets(_loss(), r)["label_free"] == {**evaluate_targets(_loss(), r)["label_free"],
+                                                           "value": 0.91, "router": "likelihood", "pass": True}
+    r["label_free"]["val"]["loss"]["top3"] = 3.50
+    assert pick_label_free(r) == "label_free"
+    assert evaluate_targets(_loss(), r)["label_free"]["pass"] is False  # 0.80 < 0.85 + 0.05 and far from 0.93
+    assert pick_label_free(_routing()) is None  # no validation figures: nothing to pick
 
 
 def test_targets_missing_losses_are_undecided():

@@ -55,7 +55,7 @@ def test_route_mixture_and_dict(router: Router) -> None:
     route = router.route(PLANT_QUERY, RouteConfig(k=2))
     assert route.mixture == [(a.id, a.weight) for a in route.adapters]
     d = route.to_dict()
-    assert set(d) == {"adapters", "latency_ms", "strategy", "encode_ms", "search_ms", "cached"}
+    assert set(d) == {"adapters", "latency_ms", "strategy", "encode_ms", "search_ms", "cached", "rerank", "rerank_ms"}
     assert d["adapters"][0] == {
         "name": "botany",
         "id": route.adapters[0].id,

@@ -332,16 +332,19 @@ def test_cli_train_router_then_route_defaults_to_trained(engine: Loramix, tmp_pa
     data = tmp_path / "pairs.jsonl"
     queries, targets = pairs()
     data.write_text("".join(json.dumps({"query": q, "target": t}) + "\n" for q, t in zip(queries, targets, strict=True)))
-    common = ["--home", str(engine.home)]
+    common = ["--home", str(engine.home), "--base", str(engine._base_arg)]  # route re-ranks with the base model
     before = CliRunner().invoke(app, ["route", PLANT_HELD[0], "--json", *common])
     assert before.exit_code == 0, before.output
     assert json.loads(before.stdout)["strategy"] == "semantic"
     res = CliRunner().invoke(app, ["train", "router", "--data", str(data), "--steps", "150", "--lr", "0.01", "--json",
-                                   "--base", str(engine._base_arg), *common])
+                                   *common])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["val_agree"] >= 0.8
     after = json.loads(CliRunner().invoke(app, ["route", PLANT_HELD[0], "--json", *common]).stdout)
-    assert after["strategy"] == "trained" and after["adapters"][0]["name"] == "code-helper"
+    assert after["strategy"] == "trained" and after["rerank"] == "likelihood"  # the tiny random base re-ranks
+    head_only = json.loads(CliRunner().invoke(app, ["route", PLANT_HELD[0], "--json", "--lm-rerank", "none",
+                                                    *common]).stdout)
+    assert head_only["strategy"] == "trained" and head_only["adapters"][0]["name"] == "code-helper"
     forced = json.loads(CliRunner().invoke(app, ["route", PLANT_HELD[0], "--json", "--strategy", "semantic", *common]).stdout)
     assert forced["strategy"] == "semantic"
 

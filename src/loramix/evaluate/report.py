@@ -23,9 +23,14 @@ from typing import Any
 import numpy as np
 
 SETTINGS = ("base", "oracle", "routed_top1", "routed_mix", "uniform", "merged_linear", "merged_ties")
-ROUTERS = ("tfidf", "untrained", "label_free", "supervised", "arrow")
+ROUTERS = ("tfidf", "untrained", "label_free", "likelihood", "supervised", "arrow")
 # routers that are engine strategies (usable by `loramix route`), with their strategy names
-STRATEGY_OF = {"untrained": "semantic", "label_free": "trained", "supervised": "supervised", "arrow": "arrow"}
+STRATEGY_OF = {"untrained": "semantic", "label_free": "trained", "likelihood": "semantic",
+               "label_free_likelihood": "trained", "supervised": "supervised", "arrow": "arrow"}
+RERANK_OF = {"likelihood": "likelihood", "label_free_likelihood": "likelihood"}  # the others: rerank "none"
+# routers that learn from or route by the adapters' loss, with no labels; the targets judge the one of them
+# with the lowest validation loss of its top-3 mixture
+LABEL_FREE = ("label_free", "likelihood", "label_free_likelihood")
 
 MIX_VS_ORACLE_MAX = 0.02  # routed mixture loss at most 2% above the oracle's
 MIX_VS_BASE_MIN = 0.10  # routed mixture loss at least 10% below the base model's
@@ -107,26 +112,43 @@ def _loss(entry: Mapping[str, Any] | None, k: str) -> float | None:
     return _num(((entry or {}).get("loss") or {}).get(k))
 
 
+def pick_label_free(routing: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The label-free router (of :data:`LABEL_FREE`) with the lowest validation loss of its top-3 mixture
+    (ties: higher validation top-1); None if none ran."""
+    ran = []
+    for name in LABEL_FREE:
+        val = (routing.get(name) or {}).get("val") or {}
+        l3, t1 = _num((val.get("loss") or {}).get("top3")), _num(val.get("top1"))
+        if l3 is not None:
+            ran.append((l3, -(t1 or 0.0), LABEL_FREE.index(name), name))
+    return min(ran)[3] if ran else None
+
+
 def router_targets(routing: Mapping[str, Mapping[str, Any]], report: Mapping[str, Any]) -> dict[str, Any]:
-    """Issue-8 targets: label-free router in both key conditions, supervised vs keys, questions, refine."""
+    """Issue-8 targets: label-free router in both key conditions, supervised vs keys, questions, refine.
+
+    "label_free" in the targets is the label-free router picked on the validation split
+    (:func:`pick_label_free`), per key condition."""
     out: dict[str, Any] = {}
-    un, lf = routing.get("untrained", {}), routing.get("label_free", {})
+    lf_a = pick_label_free(routing) or "label_free"
+    un, lf = routing.get("untrained", {}), routing.get(lf_a, {})
     u1, l1 = _num(un.get("top1")), _num(lf.get("top1"))
     u3l, l3l = _loss(un, "top3"), _loss(lf, "top3")
     ok = None if None in (u1, l1, u3l, l3l) else bool(l1 >= u1 + KEYS_A_GAIN - _EPS and l3l <= u3l + _EPS)  # type: ignore[operator]
     out["label_free_keys"] = _target(
         "example keys: label_free top-1 >= untrained + 0.03 and its top-3 loss no worse than untrained's",
         None if l1 is None or u1 is None else l1 - u1, KEYS_A_GAIN, ok, label_free_top1=l1, untrained_top1=u1,
-        label_free_top3_loss=l3l, untrained_top3_loss=u3l)
+        label_free_top3_loss=l3l, untrained_top3_loss=u3l, label_free_router=lf_a)
     desc = report.get("routing_desc_only") or {}
-    ub1, lb1 = _num(desc.get("untrained", {}).get("top1")), _num(desc.get("label_free", {}).get("top1"))
-    lb3l = _loss(desc.get("label_free"), "top3")
+    lf_b = pick_label_free(desc) or "label_free"
+    ub1, lb1 = _num(desc.get("untrained", {}).get("top1")), _num(desc.get(lf_b, {}).get("top1"))
+    lb3l = _loss(desc.get(lf_b), "top3")
     rel = None if lb3l is None or not u3l else lb3l / u3l - 1.0
     ok = None if None in (ub1, lb1, rel) else bool(lb1 >= ub1 + DESC_GAIN - _EPS and rel <= DESC_LOSS_TOL + _EPS)  # type: ignore[operator]
     out["label_free_desc_only"] = _target(
         "description keys: label_free top-1 >= untrained (desc) + 0.20, top-3 loss within 2% of example-keys untrained",
         None if lb1 is None or ub1 is None else lb1 - ub1, DESC_GAIN, ok, label_free_top1=lb1, untrained_top1=ub1,
-        loss_vs_keys_untrained=rel)
+        loss_vs_keys_untrained=rel, label_free_router=lf_b)
     s1 = _num(routing.get("supervised", {}).get("top1"))
     out["supervised_vs_keys"] = _target(
         "supervised linear head top-1 not below the untrained keys", None if s1 is None or u1 is None else s1 - u1,
@@ -171,7 +193,8 @@ def evaluate_targets(loss: Mapping[str, Mapping[str, Any]], routing: Mapping[str
     out["best_router_top1"] = _target(
         "best router (engine strategies) top-1 accuracy at least 0.95", top1, BEST_TOP1_MIN,
         None if top1 is None else top1 >= BEST_TOP1_MIN - _EPS, router=name)
-    lf = _num(routing.get("label_free", {}).get("top1"))
+    lf_name = pick_label_free(routing) or "label_free"
+    lf = _num(routing.get(lf_name, {}).get("top1"))
     un = _num(routing.get("untrained", {}).get("top1"))
     sup = _num(routing.get("supervised", {}).get("top1"))
     checks = []
@@ -184,7 +207,7 @@ def evaluate_targets(loss: Mapping[str, Mapping[str, Any]], routing: Mapping[str
         ok = None  # the condition that might pass could not be checked
     out["label_free"] = _target(
         "label-free router top-1 >= untrained + 0.05, or within 0.01 of the supervised router", lf,
-        LABEL_FREE_GAIN, ok, untrained=un, supervised=sup,
+        LABEL_FREE_GAIN, ok, untrained=un, supervised=sup, router=lf_name,
         gain_over_untrained=None if lf is None or un is None else lf - un,
         gap_to_supervised=None if lf is None or sup is None else sup - lf)
     if report is not None:
@@ -327,8 +350,9 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
     if "default_router" in report:
         lines += [f"Default router (what `loramix route` uses with the example-keys library): "
                   f"**{report.get('default_router')}**; with the description-keys library: "
-                  f"**{report.get('default_router_desc_only', '–')}**. The trained head is the default only where its "
-                  "stored held-out verdict says it beats the keys.", ""]
+                  f"**{report.get('default_router_desc_only', '–')}**. The trained head is the default strategy only where its "
+                  "stored held-out verdict says it beats the keys; an engine re-ranks the strategy's top 8 by each "
+                  "adapter's likelihood of the query by default (`rerank='auto'`).", ""]
     for cond, key in (("example", "label_free"), ("description", "label_free")):
         table = routing if cond == "example" else (report.get("routing_desc_only") or {})
         v = ((table.get(key) or {}).get("train") or {}).get("validation")

@@ -10,6 +10,7 @@ visible to the caller's tenant (None when there is neither filter). The router t
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -25,6 +26,7 @@ from loramix.route.cache import RouteCache, cache_key
 from loramix.route.encoder import Encoder, get_encoder
 from loramix.route.index import KeyIndex, SyncReport
 from loramix.route.lexical import BM25, normalize_word, tokenize
+from loramix.route.likelihood import LikelihoodFn, fetch_k, rerank, reranks
 
 EMPTY_MESSAGE = "the library has no adapters with routing keys; add one with `loramix adapters add`"
 
@@ -77,6 +79,8 @@ class Route:
     encode_ms: float = 0.0  # embedding the query (0 when answered from the cache)
     search_ms: float = 0.0  # the strategy's search over the keys (0 when answered from the cache)
     cached: bool = False  # answered from the routing cache
+    rerank: str = "none"  # "likelihood" when the language model re-ranked the strategy's candidates
+    rerank_ms: float = 0.0  # the language model's scoring of the candidates (0 when not re-ranked or cached)
 
     @property
     def mixture(self) -> list[tuple[str, float]]:
@@ -93,6 +97,8 @@ class Route:
             "search_ms": self.search_ms,
             "cached": self.cached,
             "strategy": self.strategy,
+            "rerank": self.rerank,
+            "rerank_ms": self.rerank_ms,
         }
 
 
@@ -159,6 +165,8 @@ class Router:
         self._bm25: BM25 | None = None
         self._last_check = 0.0
         self.index_generation: int | None = None
+        # the language-model seam of rerank="likelihood" (loramix.route.likelihood); the engine attaches it
+        self.likelihood: LikelihoodFn | None = None
         self.last_sync: SyncReport = self.sync(verify=True)
 
     @property
@@ -370,9 +378,12 @@ class Router:
         todo = [i for i, h in enumerate(hits) if h is None]
         if not todo:
             ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
-            return [Route(list(h.adapters), ms, h.strategy, cached=True) for h in hits if h is not None]
+            return [Route(list(h.adapters), ms, h.strategy, cached=True, rerank=h.rerank) for h in hits if h is not None]
         if self.index.ntotal == 0:
             raise RoutingError(EMPTY_MESSAGE)
+        likelihood = self.likelihood
+        lm_rerank = reranks(cfg, likelihood)
+        scfg = dataclasses.replace(cfg, k=fetch_k(cfg)) if lm_rerank else cfg  # the strategy's config
         t_enc = time.perf_counter()
         qvecs = self.encoder.encode([queries[i] for i in todo])
         encode_ms = (time.perf_counter() - t_enc) * 1000.0 / len(todo)
@@ -395,11 +406,17 @@ class Router:
                     f"the encoder {self.encoder.name} gives {qvecs.shape[1]}-dim vectors but the routing keys have "
                     f"dim {self.index.dim}; recompute them with Router.compute_keys()"
                 )
-            ranked = fn(self, [queries[i] for i in todo], qvecs, cfg, allowed)
+            ranked = fn(self, [queries[i] for i in todo], qvecs, scfg, allowed)
             if allowed is not None:  # whatever a strategy does, nothing outside the filters comes back
                 ranked = [[(a, s) for a, s in cands if a in allowed] for cands in ranked]
-            names = {a: self.name_of(a) for cands in ranked for a, _ in cands[: cfg.k]}
+            names = {a: self.name_of(a) for cands in ranked for a, _ in cands[: scfg.k]}
             search_ms = (time.perf_counter() - t_search) * 1000.0 / len(todo)
+        rerank_ms = 0.0
+        if lm_rerank:  # outside the router's lock: the language model's pass is the slow part
+            assert likelihood is not None
+            t_lm = time.perf_counter()
+            ranked = rerank(likelihood, [queries[i] for i in todo], ranked, cfg)
+            rerank_ms = (time.perf_counter() - t_lm) * 1000.0 / len(todo)
         per_query_ms = (time.perf_counter() - t0) * 1000.0 / len(queries)
         routes: list[Route | None] = [None if h is None else Route(list(h.adapters), per_query_ms, h.strategy, cached=True)
                                       for h in hits]
@@ -412,7 +429,8 @@ class Router:
                 RoutedAdapter(a, names.get(a, a), float(s), float(w))
                 for (a, s), w in zip(cands, weights, strict=True)
             ]
-            routes[i] = Route(adapters, per_query_ms, cfg.strategy, encode_ms=encode_ms, search_ms=search_ms)
+            routes[i] = Route(adapters, per_query_ms, cfg.strategy, encode_ms=encode_ms, search_ms=search_ms,
+                              rerank="likelihood" if lm_rerank else "none", rerank_ms=rerank_ms)
             if gen is not None:
                 self.cache.put(keys[i], (gen, self.index.generation), routes[i])
         return [r for r in routes if r is not None]

@@ -7,7 +7,7 @@ import asyncio
 import math
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -32,6 +32,7 @@ class LoramixOptions(BaseModel):
     strategy: str | None = None
     tags: list[str] | None = None
     temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
+    rerank: Literal["auto", "likelihood", "none"] | None = None  # re-rank by the adapters' likelihood of the query
     docs: Annotated[list[str], Field(min_length=1, max_length=16)] | None = None  # names, tag:NAME, auto
     passages: Annotated[int, Field(ge=0, le=16)] | None = None  # passages in the prompt (default 3)
 
@@ -49,7 +50,7 @@ def route_cfg(default: RouteConfig, opts: LoramixOptions | None) -> RouteConfig:
     if opts is None:
         return default
     return RouteConfig(k=opts.k or default.k, strategy=opts.strategy or default.strategy, tags=list(opts.tags or []),
-                       temperature=opts.temperature or default.temperature)
+                       temperature=opts.temperature or default.temperature, rerank=opts.rerank or default.rerank)
 
 
 async def augment(engine: Engine, resolved: Resolved, opts: LoramixOptions | None, tenant: str | None, *,

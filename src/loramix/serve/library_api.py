@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
@@ -92,6 +92,7 @@ class RouteRequest(BaseModel):
     strategy: str | None = None
     tags: list[str] | None = None
     temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
+    rerank: Literal["auto", "likelihood", "none"] | None = None  # re-rank by the adapters' likelihood of the query
 
 
 @router.post("/v1/route")
@@ -100,7 +101,7 @@ async def route(request: Request, body: RouteRequest, who: Principal = Depends(g
     engine = engine_of(request)
     d = engine.default_route()
     cfg = RouteConfig(k=body.k or d.k, strategy=body.strategy or d.strategy, tags=list(body.tags or []),
-                      temperature=body.temperature or d.temperature)
+                      temperature=body.temperature or d.temperature, rerank=body.rerank or d.rerank)
     return await run_in_threadpool(engine.route, body.query, cfg, who.tenant)  # type: ignore[no-any-return]
 
 
