@@ -178,3 +178,15 @@ def test_slots_loaded_under_inference_mode_stay_writable_outside_it(tiny_base: B
     got = mm.logits(ids, rows=[[("x11", 1.0)]])  # a load (slot write) outside inference mode
     fresh = make_mixer(load_base(tiny_base_dir), adapters).logits(ids, rows=[[("x11", 1.0)]])
     assert torch.allclose(got, fresh, atol=1e-6)
+
+
+def test_an_adapter_for_another_base_is_refused_by_name(tiny_base: BaseModel) -> None:
+    """An adapter whose A or B does not match the layer's in/out features gets a clear error, not a torch one."""
+    good = random_lora(tiny_base, rank=2, seed=1)
+    path, (a, b) = next(iter(good.layers.items()))
+    wide = LoraWeights(rank=2, alpha=4.0, layers={path: (torch.randn(2, a.shape[1] * 3), b)})  # (r, 3 n_in)
+    mm = make_mixer(tiny_base, {"good": good, "wide": wide})
+    ids = inputs(tiny_base)
+    with pytest.raises(MixError, match=r"adapter 'wide' does not fit this base model: layer .* takes \d+ inputs"):
+        mm.logits(ids, rows=[[("wide", 1.0)]] * 3)
+    assert mm.logits(ids, rows=[[("good", 1.0)]] * 3).shape[0] == 3  # the mixer still works afterwards

@@ -79,12 +79,12 @@ class MixedModel:
         weights = self._loader(adapter_id)
         if weights.rank > self._rank:
             self._grow(self._n_slots, weights.rank)
-        for path, (a, b) in weights.layers.items():
+        for path, (wa, wb) in weights.layers.items():
             mod = self._inject(path).base_layer
-            if a.shape[-1] != mod.in_features or b.shape[0] != mod.out_features:
+            if wa.shape[-1] != mod.in_features or wb.shape[0] != mod.out_features:
                 raise MixError(f"adapter {adapter_id!r} does not fit this base model: layer {path!r} takes "
                                f"{mod.in_features} inputs and gives {mod.out_features} outputs, but the adapter's "
-                               f"A is {tuple(a.shape)} and B {tuple(b.shape)}; expected an adapter trained for this "
+                               f"A is {tuple(wa.shape)} and B {tuple(wb.shape)}; expected an adapter trained for this "
                                "base (pass --base or set LORAMIX_BASE to the model the library was built for)")
         for path, layer in self._layers.items():
             a, b = weights.layers.get(path, (None, None))
