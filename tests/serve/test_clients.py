@@ -167,3 +167,16 @@ def test_stream_lines_are_single_json_lines(served: Served) -> None:
     for ln in lines[:-1]:
         assert ln.startswith("data: ")
         json.loads(ln[6:])
+
+
+def test_route_over_http_reranks_by_likelihood_unless_asked_not_to(served: Served) -> None:
+    """The engine's default route re-ranks with the served base model; ``rerank`` turns it off or on."""
+    default = httpx.post(served.url + "/v1/route", json={"query": "what do lions eat", "k": 2}).json()
+    assert default["rerank"] == "likelihood" and default["rerank_ms"] > 0
+    off = httpx.post(served.url + "/v1/route", json={"query": "what do lions eat", "k": 2, "rerank": "none"}).json()
+    assert off["rerank"] == "none" and off["rerank_ms"] == 0
+    bad = httpx.post(served.url + "/v1/route", json={"query": "what do lions eat", "rerank": "lm"})
+    assert bad.status_code == 400 and "rerank" in bad.text
+    r = httpx.post(served.url + "/v1/chat/completions", json={
+        "model": "auto", "messages": MSG, "max_tokens": 2, "temperature": 0, "loramix": {"k": 2, "rerank": "none"}})
+    assert r.status_code == 200 and r.json()["loramix"]["routed"]
