@@ -302,7 +302,9 @@ def route(query: Annotated[str | None, typer.Argument(help="The query (or give -
     for a in d["adapters"]:
         table.add_row(a["name"], f"{a['score']:.3f}", f"{a['weight']:.3f}")
     out.print(table)
-    console.print(f"[dim]{d['latency_ms']:.1f} ms[/]")
+    how = (f"{d['strategy']}, re-ranked by likelihood ({d['rerank_ms']:.0f} ms)" if d["rerank"] == "likelihood"
+           else d["strategy"])
+    console.print(f"[dim]{how}; {d['latency_ms']:.1f} ms[/]")
 
 
 @app.command("score")
