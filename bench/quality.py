@@ -415,7 +415,7 @@ class Bench:
 
     def route_label_free(self) -> None:
         from loramix.config import RouterTrainConfig
-        from loramix.route.trained import default_strategy, router_dir
+        from loramix.route.trained import default_rerank, default_strategy, router_dir
         from loramix.train.router import LOSS_CACHE, train_router
 
         queries, targets = self._pairs()
@@ -435,6 +435,8 @@ class Bench:
                 rec["pairs"] = len(queries)
                 # what `loramix route` uses: the default strategy, re-ranked by the language model (rerank "auto")
                 default = {"trained": "label_free_likelihood"}.get(default_strategy(eng.library), "likelihood")
+                if default_rerank(eng.library) == "none":  # its held-out verdict says the re-ranking hurts
+                    default = {"label_free_likelihood": "label_free", "likelihood": "untrained"}[default]
                 key = "default_router" if cond == "a" else "default_router_desc_only"
                 self.report[key] = default
                 self._judge(cond, "label_free", self._route(eng, name_of, "label_free", "label_free"), rec,

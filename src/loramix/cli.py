@@ -51,7 +51,7 @@ Docs = Annotated[str | None, typer.Option("--docs", help="Document collections f
 Passages = Annotated[int, typer.Option("--passages", help="Retrieved passages placed in the prompt.")]
 Rerank = Annotated[bool, typer.Option("--rerank/--no-rerank", help="Re-order passages by the LM's loss of the query given each (slower).")]
 Budget = Annotated[int, typer.Option("--budget", help="Most tokens of passages in the prompt.")]
-LmRerank = Annotated[str, typer.Option("--lm-rerank", help="auto | likelihood | none: re-order the strategy's top candidates by each adapter's likelihood of the query (auto: on; loads the base model).")]
+LmRerank = Annotated[str, typer.Option("--lm-rerank", help="auto | likelihood | none: re-order the strategy's top candidates by each adapter's likelihood of the query (auto: on, unless the trained router's held-out check found it hurts; loads the base model).")]
 
 _R, _G, _T, _M = RouteConfig(), GenerateConfig(), TrainConfig(), MixConfig()
 _RF, _S = RefineConfig(), ScoreConfig()
@@ -75,11 +75,13 @@ def _csv(s: str) -> list[str]:
 
 def _route_cfg(k: int, strategy: str | None, temperature: float, tags: str, home: Path | None = None,
                rerank: str = "auto") -> RouteConfig:
-    if strategy is None:  # the trained router when the library has one
-        from loramix.route.trained import default_strategy
-        from loramix.store import Library
+    from loramix.route.trained import default_rerank, default_strategy
+    from loramix.store import Library
 
+    if strategy is None:  # the trained router when the library has one
         strategy = default_strategy(Library(home))
+    if rerank == "auto":  # off where the library's stored held-out verdict says the re-ranking hurts
+        rerank = default_rerank(Library(home))
     return RouteConfig(k=k, strategy=strategy, temperature=temperature, tags=_csv(tags), rerank=rerank)
 
 

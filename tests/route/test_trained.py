@@ -13,6 +13,7 @@ from loramix.errors import RoutingError
 from loramix.route import Encoder, Route, Router
 from loramix.route.trained import (
     RouterHead,
+    default_rerank,
     default_strategy,
     load_head,
     load_supervised,
@@ -64,6 +65,18 @@ def test_default_strategy_follows_the_heads_own_verdict(router: Router, lib: Lib
     config = {"objective": "kl"} | ({"validation": validation} if validation is not None else {})
     save_head(lib, random_head(lib, ids), ids, config)
     assert default_strategy(lib) == want
+
+
+@pytest.mark.parametrize(("validation", "want"), [
+    (None, "auto"), ({"beats_keys": True}, "auto"), ({"rerank": {"hurts": False, "gain": 0.1}}, "auto"),
+    ({"rerank": {"hurts": "yes"}}, "auto"), ({"rerank": {"hurts": True, "gain": -0.2}}, "none")])
+def test_default_rerank_follows_the_stored_verdict(router: Router, lib: Library, validation: dict | None,
+                                                   want: str) -> None:
+    assert default_rerank(lib) == "auto"  # no head at all
+    ids = [lib.get(n).id for n in ("botany", "computing")]
+    config = {"objective": "kl"} | ({"validation": validation} if validation is not None else {})
+    save_head(lib, random_head(lib, ids), ids, config)
+    assert default_rerank(lib) == want
 
 
 def test_interpolated_head_scores_mix_trained_and_key_cosines(router: Router, lib: Library, encoder: Encoder) -> None:

@@ -22,7 +22,7 @@ from loramix.app import Loramix
 from loramix.base import load_base
 from loramix.config import RouteConfig, RouterTrainConfig
 from loramix.lora import LoraWeights
-from loramix.route.trained import default_strategy
+from loramix.route.trained import default_rerank, default_strategy
 from loramix.testing import random_lora
 from loramix.train.router import (
     candidate_losses,
@@ -209,6 +209,11 @@ def test_label_free_router_learns_the_loss_lowering_adapter_under_description_ke
     assert [eng.route(q, trained).adapters[0].name for q in CODE_HELD] == ["gardening-notes"] * 4
     assert default_strategy(eng.library) == "trained"  # the head's own held-out verdict makes it the default
     assert json.loads((eng.library.meta_path("router") / "head.json").read_text())["validation"]["beats_keys"] is True
+    rr = v["rerank"]  # the likelihood re-ranking's own held-out check, on continuation losses only
+    assert rr["n_val"] == rep.n_val and rr["k"] == min(8, len(eng.library.ids())) and 0.0 <= rr["changed"] <= 1.0
+    assert rr["gain"] == pytest.approx(rr["loss_keys"] - rr["loss_reranked"], abs=1e-5)
+    assert rr["hurts"] == (rr["gain"] < -rr["z"] * rr["gain_se"])
+    assert default_rerank(eng.library) == ("none" if rr["hurts"] else "auto")
 
 
 def test_label_free_keys_learn_the_mapping_from_unlabelled_pairs_alone(engine: Loramix, tmp_path: Path,

@@ -362,6 +362,13 @@ def render_markdown(report: Mapping[str, Any], plots: Mapping[str, str] | None =
                       f"{_fmt(v.get('gain'), 4)} +- {_fmt(v.get('gain_se'), 4)} (learns {v.get('learn', 'head')}, start "
                       f"{v.get('init', 'keys')}, pull {v.get('key_reg', '–')}, mix {v.get('mix')}, tau {v.get('tau')}, "
                       f"best step {v.get('best_step')}); beats keys: **{v.get('beats_keys')}**"]
+            rr = v.get("rerank") or {}
+            if "gain" in rr:
+                lines += [f"- likelihood re-ranking ({cond} keys) held-out check on {rr.get('n_val')} pairs (continuation "
+                          f"loss only): keys' first {_fmt(rr.get('loss_keys'), 4)}, re-ranked first "
+                          f"{_fmt(rr.get('loss_reranked'), 4)}, paired gain {_fmt(rr.get('gain'), 4)} +- "
+                          f"{_fmt(rr.get('gain_se'), 4)}, first candidate changed on {_fmt(rr.get('changed'))} of them; "
+                          f"hurts: **{rr.get('hurts')}** (the CLI and server re-rank unless it does)"]
     diag = report.get("arrow_diagnostics")
     if diag:
         lines += [f"- arrow diagnostics: top singular direction holds {_fmt(diag.get('top_share'))} of an update's "

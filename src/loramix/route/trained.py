@@ -239,6 +239,17 @@ def head_beats_keys(lib: Any) -> bool:
     return bool(head is not None and (head.config.get("validation") or {}).get("beats_keys") is True)
 
 
+def default_rerank(lib: Any) -> str:
+    """The CLI's and server's default ``RouteConfig.rerank``: "none" where the library's trained head stores a
+    held-out verdict that the likelihood re-ranking hurts (``validation.rerank.hurts``), else "auto"."""
+    try:
+        head = load_head(lib)
+    except (RoutingError, OSError, ValueError):
+        return RouteConfig().rerank
+    verdict = ((head.config.get("validation") or {}).get("rerank") or {}) if head is not None else {}
+    return "none" if verdict.get("hurts") is True else RouteConfig().rerank
+
+
 def default_strategy(lib: Any) -> str:
     """The CLI's default strategy: "trained" only where the head's own validation says it beats the keys,
     else "semantic" (untrained keys)."""

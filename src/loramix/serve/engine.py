@@ -340,9 +340,10 @@ class LocalEngine:
                                          "merged_from": shown}])
 
     def default_route(self) -> RouteConfig:
-        from loramix.route.trained import default_strategy
+        from loramix.route.trained import default_rerank, default_strategy
 
-        return RouteConfig(strategy=default_strategy(self.lm.library))
+        lib = self.lm.library
+        return RouteConfig(strategy=default_strategy(lib), rerank=default_rerank(lib))
 
     def route_obj(self, query: str, cfg: RouteConfig, tenant: str | None) -> Any:
         if not query.strip():

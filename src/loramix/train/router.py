@@ -355,7 +355,10 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
         raise TrainingError("the router learns to rank adapters: the library needs at least 2 with routing keys")
     qenc = _QueryEncoder(engine, queries, cfg.finetune_encoder)
     k = min(cfg.k, router.index.ntotal)
-    cands = [[a for a, _ in row] for row in router.dense_search(qenc.frozen.numpy(), k, None)]
+    hits = router.dense_search(qenc.frozen.numpy(), k, None)
+    cands = [[a for a, _ in row] for row in hits]
+    if any(len(c) != k for c in cands):
+        raise TrainingError(f"every query needs {k} candidates from the keys; some adapters lack a routing key")
     losses, scored = _grid(engine, queries, targets, cands, cfg.objective, cfg.max_len, True, cfg.score_query)  # (N, K)
     # the candidate-alone loss drives the routed-loss check for both objectives
     alone = losses if cfg.objective == "kl" else _grid(engine, queries, targets, cands, "kl", cfg.max_len, True,
@@ -450,6 +453,8 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
                   "min_gain": cfg.min_gain,
                   "rule": "beats_keys: on the held-out pairs the routed loss is lower than the keys' by more than "
                           "min_gain and by more than z standard errors of the paired per-pair gain"}
+    validation["rerank"] = rerank_verdict(engine, [queries[i] for i in val_idx], [targets[i] for i in val_idx],
+                                          [hits[i] for i in val_idx], cfg)
     best = p.argmax(dim=1)  # (N,)
 
     def evaluate(idx: np.ndarray) -> tuple[float, float, float]:
@@ -486,6 +491,38 @@ def train_router(engine: Loramix, queries: Sequence[str], targets: Sequence[str]
               "base": engine.base_path().name, "created": time.time(), "report": report.to_dict()}
     report.path = str(save_head(engine.library, head, table, config))
     return report
+
+
+def rerank_verdict(engine: Loramix, queries: Sequence[str], targets: Sequence[str],
+                   hits: Sequence[Sequence[tuple[str, float]]], cfg: RouterTrainConfig) -> dict[str, Any]:
+    """Held-out check of the likelihood re-ranking (:mod:`loramix.route.likelihood`) on this library.
+
+    Per held-out pair: the loss of the continuation given the query (never the query's own tokens) under
+    the keys' first candidate against the re-ranked first candidate, with the default ``RouteConfig``
+    prior and candidate count. ``hurts`` (the mean paired gain below zero by more than ``verdict_z``
+    standard errors) makes :func:`loramix.route.trained.default_rerank` turn the re-ranking off.
+    """
+    from loramix.config import RouteConfig
+
+    rc = RouteConfig()
+    n = min(rc.rerank_k, min(len(h) for h in hits)) if hits else 0
+    if n < 2 or len(queries) < 2:
+        return {"n_val": len(queries), "hurts": False, "beats_keys": False, "note": "too few pairs or candidates"}
+    cands = [[a for a, _ in h[:n]] for h in hits]
+    cos = np.array([[s for _, s in h[:n]] for h in hits], dtype=np.float64)  # (V, n)
+    nll = np.stack(engine.query_nll(list(queries), cands))  # (V, n) summed NLL of each query
+    cont = _grid(engine, queries, targets, cands, "kl", cfg.max_len, True, False)[0].astype(np.float64)  # (V, n)
+    pick = (rc.rerank_prior * cos - nll).argmax(axis=1)  # (V,) the re-ranked first; the keys' first is 0
+    rows = np.arange(len(pick))
+    gain = cont[:, 0] - cont[rows, pick]  # (V,) > 0: the re-ranking's pick predicts the continuation better
+    g_mean, g_se = float(gain.mean()), float(gain.std(ddof=1) / len(gain) ** 0.5)
+    return {"n_val": len(queries), "k": n, "prior": rc.rerank_prior, "changed": float((pick != 0).mean()),
+            "loss_keys": float(cont[:, 0].mean()), "loss_reranked": float(cont[rows, pick].mean()),
+            "gain": g_mean, "gain_se": g_se, "z": cfg.verdict_z,
+            "beats_keys": bool(g_mean > cfg.verdict_z * g_se), "hurts": bool(g_mean < -cfg.verdict_z * g_se),
+            "rule": "hurts: on the held-out pairs the continuation loss under the re-ranked first candidate is "
+                    "higher than under the keys' first by more than z standard errors of the paired gain; "
+                    "then the CLI and server route without the re-ranking"}
 
 
 def train_supervised_router(engine: Loramix, texts: Sequence[str], labels: Sequence[str],
