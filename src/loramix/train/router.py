@@ -503,16 +503,17 @@ def rerank_verdict(engine: Loramix, queries: Sequence[str], targets: Sequence[st
     standard errors) makes :func:`loramix.route.trained.default_rerank` turn the re-ranking off.
     """
     from loramix.config import RouteConfig
+    from loramix.route.likelihood import rerank
 
-    rc = RouteConfig()
+    rc = RouteConfig(k=1)
     n = min(rc.rerank_k, min(len(h) for h in hits)) if hits else 0
     if n < 2 or len(queries) < 2:
         return {"n_val": len(queries), "hurts": False, "beats_keys": False, "note": "too few pairs or candidates"}
-    cands = [[a for a, _ in h[:n]] for h in hits]
-    cos = np.array([[s for _, s in h[:n]] for h in hits], dtype=np.float64)  # (V, n)
-    nll = np.stack(engine.query_nll(list(queries), cands))  # (V, n) summed NLL of each query
+    heads = [list(h[:n]) for h in hits]
+    cands = [[a for a, _ in h] for h in heads]
+    firsts = [r[0][0] for r in rerank(engine.query_nll, queries, heads, rc)]  # the router's own rule
+    pick = np.array([c.index(a) for c, a in zip(cands, firsts, strict=True)])  # (V,); the keys' first is 0
     cont = _grid(engine, queries, targets, cands, "kl", cfg.max_len, True, False)[0].astype(np.float64)  # (V, n)
-    pick = (rc.rerank_prior * cos - nll).argmax(axis=1)  # (V,) the re-ranked first; the keys' first is 0
     rows = np.arange(len(pick))
     gain = cont[:, 0] - cont[rows, pick]  # (V,) > 0: the re-ranking's pick predicts the continuation better
     g_mean, g_se = float(gain.mean()), float(gain.std(ddof=1) / len(gain) ** 0.5)
