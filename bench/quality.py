@@ -52,6 +52,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from loramix.evaluate.report import RERANK_OF, STRATEGY_OF
 from quality_eval import (
     RouterRun,
     Scorer,
@@ -66,9 +67,7 @@ from quality_lib import DESCRIPTIONS, NOTES, PRESETS, QUICK_DOMAINS, SETTING_NOT
 
 ROUTE_CHUNK = 32
 QUESTIONS = Path(__file__).resolve().parent / "questions.jsonl"
-ENGINE_ROUTERS = {"untrained": "semantic", "label_free": "trained", "likelihood": "semantic",
-                  "label_free_likelihood": "trained", "supervised": "supervised", "arrow": "arrow"}
-RERANK_OF = {"likelihood": "likelihood", "label_free_likelihood": "likelihood"}  # the others: rerank "none"
+ENGINE_ROUTERS = STRATEGY_OF  # the report's routers that are engine strategies, with their strategy names
 DESC_ROUTERS = ("untrained", "label_free", "likelihood", "label_free_likelihood")
 SKIPPABLE = ("clusters", "merged", "refine")
 console = Console(highlight=False)
@@ -301,7 +300,7 @@ class Bench:
 
         return RouteConfig(k=3, strategy=ENGINE_ROUTERS[router], rerank=RERANK_OF.get(router, "none"))
 
-    def _route(self, eng: Any, name_of: dict[str, str], router: str, label: str) -> RouterRun:
+    def _route(self, eng: Any, name_of: dict[str, str], router: str) -> RouterRun:
         run = RouterRun()
         t0 = time.perf_counter()
         cfg = self.route_cfg(router)
@@ -314,7 +313,7 @@ class Bench:
             run.ranked[split] = [[name_of.get(a.id, a.name) for a in r.adapters] for r in routes]
             run.mix3[split] = [[(name_of.get(a.id, a.name), a.weight) for a in r.adapters] for r in routes]
         run.seconds = time.perf_counter() - t0
-        console.print(f"routed {label} ({strategy}) in {run.seconds:.1f} s")
+        console.print(f"routed {router} ({strategy}) in {run.seconds:.1f} s")
         return run
 
     def _judge(self, cond: str, router: str, run: RouterRun, rec: dict[str, Any], **extra: Any) -> None:
@@ -364,10 +363,10 @@ class Bench:
 
     def route_untrained(self) -> None:
         with self.stage("route:untrained", optional=True) as rec:
-            self._judge("a", "untrained", self._route(self.engine, self.name_of, "untrained", "untrained"), rec,
+            self._judge("a", "untrained", self._route(self.engine, self.name_of, "untrained"), rec,
                         strategy="semantic")
         with self.stage("route_b:untrained", optional=True) as rec:
-            self._judge("b", "untrained", self._route(self.desc, self.desc_name_of, "untrained", "untrained"), rec,
+            self._judge("b", "untrained", self._route(self.desc, self.desc_name_of, "untrained"), rec,
                         strategy="semantic")
 
     def route_supervised(self) -> None:
@@ -381,7 +380,7 @@ class Bench:
             rep = train_supervised_router(self.engine, [truncate_query(doc.text, self.args.query_chars) for doc in docs],
                                           [doc.domain for doc in docs], cfg, progress=True)
             rec["train"] = {k: v for k, v in rep.to_dict().items() if k != "path"}
-            self._judge("a", "supervised", self._route(self.engine, self.name_of, "supervised", "supervised"), rec,
+            self._judge("a", "supervised", self._route(self.engine, self.name_of, "supervised"), rec,
                         strategy="supervised", train={k: v for k, v in rep.to_dict().items() if k != "path"})
 
     def _pairs(self) -> tuple[list[str], list[str]]:
@@ -439,7 +438,7 @@ class Bench:
                     default = {"label_free_likelihood": "label_free", "likelihood": "untrained"}[default]
                 key = "default_router" if cond == "a" else "default_router_desc_only"
                 self.report[key] = default
-                self._judge(cond, "label_free", self._route(eng, name_of, "label_free", "label_free"), rec,
+                self._judge(cond, "label_free", self._route(eng, name_of, "label_free"), rec,
                             strategy="trained", train=info, pairs=len(queries))
                 console.print(f"({cond}) verdict: beats keys on held-out pairs = {rep.validation.get('beats_keys')} "
                               f"(mix {rep.validation.get('mix')}); default router: {default}")
@@ -456,7 +455,7 @@ class Bench:
             for r in routers:
                 with self.stage(f"route{'' if cond == 'a' else '_b'}:{r}", optional=True) as rec:
                     cfg = self.route_cfg(r)
-                    self._judge(cond, r, self._route(eng, name_of, r, r), rec, strategy=cfg.strategy,
+                    self._judge(cond, r, self._route(eng, name_of, r), rec, strategy=cfg.strategy,
                                 rerank=cfg.rerank, rerank_k=cfg.rerank_k, rerank_prior=cfg.rerank_prior)
 
     def route_arrow(self) -> None:
@@ -464,7 +463,7 @@ class Bench:
             diag = arrow_diagnostics({d: self.engine.library.load(self.ids[d]) for d in self.domains})
             self.report["arrow_diagnostics"] = diag
             console.print(f"arrow diagnostics: {diag}")
-            self._judge("a", "arrow", self._route(self.engine, self.name_of, "arrow", "arrow"), rec, strategy="arrow",
+            self._judge("a", "arrow", self._route(self.engine, self.name_of, "arrow"), rec, strategy="arrow",
                         diagnostics=diag)
 
     def clusters(self) -> None:

@@ -180,3 +180,12 @@ def test_route_over_http_reranks_by_likelihood_unless_asked_not_to(served: Serve
     r = httpx.post(served.url + "/v1/chat/completions", json={
         "model": "auto", "messages": MSG, "max_tokens": 2, "temperature": 0, "loramix": {"k": 2, "rerank": "none"}})
     assert r.status_code == 200 and r.json()["loramix"]["routed"]
+
+
+def test_http_rerank_names_are_the_configs() -> None:
+    from typing import get_args
+
+    from loramix.config import RERANKS
+    from loramix.serve.common import RerankName
+
+    assert set(get_args(RerankName)) == set(RERANKS)

@@ -23,6 +23,9 @@ __all__ = ["Generation", "LoramixOptions", "Principal", "augment", "engine_of", 
            "run_in_threadpool", "sampling", "settings_of"]
 
 
+RerankName = Literal["auto", "likelihood", "none"]  # RouteConfig.rerank (config.RERANKS), checked at the edge
+
+
 class LoramixOptions(BaseModel):
     """The request's ``loramix`` object (OpenAI: the body's ``loramix``, the client's ``extra_body``; LoRAX:
     ``parameters.loramix``): routing options for ``auto``, and documents to retrieve passages from."""
@@ -32,7 +35,7 @@ class LoramixOptions(BaseModel):
     strategy: str | None = None
     tags: list[str] | None = None
     temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
-    rerank: Literal["auto", "likelihood", "none"] | None = None  # re-rank by the adapters' likelihood of the query
+    rerank: RerankName | None = None  # re-rank by the adapters' likelihood of the query
     docs: Annotated[list[str], Field(min_length=1, max_length=16)] | None = None  # names, tag:NAME, auto
     passages: Annotated[int, Field(ge=0, le=16)] | None = None  # passages in the prompt (default 3)
 

@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramix.config import RouteConfig
-from loramix.serve.common import Principal, engine_of, get_principal, run_in_threadpool, settings_of
+from loramix.serve.common import (
+    Principal,
+    RerankName,
+    engine_of,
+    get_principal,
+    run_in_threadpool,
+    settings_of,
+)
 from loramix.serve.errors import ApiError
 from loramix.serve.tenants import deny_unless_admin
 
@@ -92,7 +99,7 @@ class RouteRequest(BaseModel):
     strategy: str | None = None
     tags: list[str] | None = None
     temperature: Annotated[float, Field(ge=0.001, le=100)] | None = None
-    rerank: Literal["auto", "likelihood", "none"] | None = None  # re-rank by the adapters' likelihood of the query
+    rerank: RerankName | None = None  # re-rank by the adapters' likelihood of the query
 
 
 @router.post("/v1/route")
